@@ -1,0 +1,59 @@
+"""The contract between the node's job runner and an analysis.
+
+A pipeline receives the stored instances of one complete series (or study), already
+read from the spool, and returns the DICOM result objects to send. It never touches the
+network, the ledger or the spool: the job runner does, so a pipeline stays a pure
+function of its inputs that can be tested without a node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydicom.dataset import Dataset
+
+
+class PipelineError(Exception):
+    """The pipeline failed in a way that retrying will not fix (bad code, bad model)."""
+
+
+@dataclass(frozen=True)
+class PipelineInput:
+    """One unit of work: the instances of a series or study, in ledger order.
+
+    ``datasets`` are fully read (pixel data included); ``paths`` are the spool files
+    they came from, in the same order, for pipelines that prefer to stream.
+    """
+
+    datasets: Sequence[Dataset]
+    paths: Sequence[Path]
+    level: str  # "series" or "study"
+    study_instance_uid: str
+    series_instance_uids: Sequence[str]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    models_dir: Path = Path("models")
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What a run produced: result objects (already validated) and a short summary.
+
+    ``summary`` is small, JSON-serialisable and free of patient identifiers: the
+    ledger stores it and ``dicomnode status`` shows it.
+    """
+
+    objects: Sequence[Dataset]
+    summary: Mapping[str, Any]
+    analysed: bool = True
+
+
+class Pipeline(Protocol):
+    """An analysis: select inputs, preprocess, infer, postprocess, build results."""
+
+    name: str
+    version: str
+
+    def run(self, work: PipelineInput) -> PipelineResult: ...
