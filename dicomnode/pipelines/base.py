@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 
+from dicomnode.results.uids import derive_uid
+
 
 class PipelineError(Exception):
     """The pipeline failed in a way that retrying will not fix (bad code, bad model)."""
@@ -33,8 +35,21 @@ class PipelineInput:
     level: str  # "series" or "study"
     study_instance_uid: str
     series_instance_uids: Sequence[str]
+    route: str = "adhoc"
+    generation: int = 0
     options: Mapping[str, Any] = field(default_factory=dict)
     models_dir: Path = Path("models")
+
+    def result_uid(self, algorithm: str, version: str, *parts: str | int) -> str:
+        """Deterministic UID for a result object of this unit of work.
+
+        The same route, subject, generation and algorithm version give the same UID, so a
+        re-run after a crash replaces what the PACS has instead of adding a copy; a
+        re-opened series (generation + 1) gets new UIDs and its SR names its predecessor.
+        """
+        subject = self.study_instance_uid if self.level == "study" else ",".join(
+            sorted(self.series_instance_uids))
+        return derive_uid(self.route, subject, self.generation, algorithm, version, *parts)
 
 
 @dataclass(frozen=True)

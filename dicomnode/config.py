@@ -1,0 +1,380 @@
+"""Typed settings loaded from YAML.
+
+Every validation problem is reported with the file and the dotted key it concerns, all
+at once, so an administrator fixes a config in one pass instead of one error per start.
+Relative paths are resolved against the current working directory (as Orthanc and
+dcmtk do), which is the repository root for the README's commands.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dicomnode.routing.rules import Condition, RuleError, parse_conditions
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node.yaml"
+
+
+class ConfigError(Exception):
+    """One or more problems in a configuration file; ``problems`` lists each as 'file: key: why'."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = "DICOMNODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    storage: Path = Path("./var")
+    max_pdu_size: int = 262144
+    max_associations: int = 16
+    network_timeout_s: float = 60.0
+    max_instance_bytes: int = 4 * 1024**3
+
+
+@dataclass(frozen=True)
+class CallerRule:
+    """A peer allowed to store: its AE title and its address (IP, CIDR network or hostname)."""
+
+    ae_title: str
+    host: str
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        if ae_title.strip() != self.ae_title:
+            return False
+        try:
+            net = ipaddress.ip_network(self.host, strict=False)
+        except ValueError:
+            return address == self.host
+        try:
+            return ipaddress.ip_address(address) in net
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    allowed_callers: tuple[CallerRule, ...] = ()
+    allow_any_caller: bool = False
+    tls: Mapping[str, Any] | None = None
+
+    def caller_allowed(self, ae_title: str, address: str) -> bool:
+        if self.allow_any_caller:
+            return True
+        return any(rule.allows(ae_title, address) for rule in self.allowed_callers)
+
+
+@dataclass(frozen=True)
+class CompletionSettings:
+    series_quiet_s: float = 10.0
+    study_quiet_s: float = 30.0
+    sweep_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    conditions: tuple[Condition, ...]
+    pipeline: str
+    send_to: tuple[str, ...]
+    level: str = "series"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    workers: int = 1
+    timeout_s: float = 600.0
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    max_attempts: int = 12
+    backoff_initial_s: float = 2.0
+    backoff_max_s: float = 300.0
+    interval_s: float = 1.0
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings
+    security: SecuritySettings
+    completion: CompletionSettings
+    destinations: Mapping[str, Destination]
+    routes: tuple[Route, ...]
+    jobs: JobSettings
+    outbox: OutboxSettings
+    query_source: str | None
+    models_dir: Path
+    log_level: str = "INFO"
+    source: Path | None = None
+    pipelines: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.node.storage
+
+
+class _Reader:
+    """Collects problems while reading a YAML mapping so all are reported together."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[str] = []
+
+    def problem(self, key: str, why: str) -> None:
+        self.problems.append(f"{self.file}: {key}: {why}")
+
+    def mapping(self, data: Any, key: str) -> dict[str, Any]:
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            self.problem(key, f"expected a mapping, got {type(data).__name__}")
+            return {}
+        return data
+
+    def unknown(self, data: Mapping[str, Any], key: str, known: set[str]) -> None:
+        for name in data:
+            if name not in known:
+                self.problem(f"{key}.{name}" if key else str(name), "unknown key")
+
+    def number(self, data: Mapping[str, Any], key: str, name: str, default: float,
+               *, minimum: float = 0.0, integer: bool = False) -> Any:
+        value = data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(f"{key}.{name}", f"expected a number, got {value!r}")
+            return default
+        if integer and not isinstance(value, int):
+            self.problem(f"{key}.{name}", f"expected an integer, got {value!r}")
+            return default
+        if value < minimum:
+            self.problem(f"{key}.{name}", f"must be >= {minimum}, got {value!r}")
+            return default
+        return value
+
+    def ae_title(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not _AE_RE.match(value) or not value.strip():
+            self.problem(key, f"not a valid AE title (1-16 printable characters, no '\\'): {value!r}")
+            return "INVALID"
+        return value.strip()
+
+    def port(self, value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+            self.problem(key, f"not a TCP port: {value!r}")
+            return 0
+        return value
+
+    def string(self, data: Mapping[str, Any], key: str, name: str, default: str) -> str:
+        value = data.get(name, default)
+        if not isinstance(value, str) or not value:
+            self.problem(f"{key}.{name}", f"expected a non-empty string, got {value!r}")
+            return default
+        return value
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate a config file; raise ConfigError listing every problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
+    return parse_settings(data, source=path)
+
+
+def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
+    r = _Reader(str(source) if source else "<config>")
+    top = r.mapping(data, "(top level)")
+    r.unknown(top, "", {"node", "security", "completion", "destinations", "routes", "query",
+                        "models", "jobs", "outbox", "logging", "pipelines"})
+
+    plugins: dict[str, str] = {}
+    for name, target in r.mapping(top.get("pipelines"), "pipelines").items():
+        if not isinstance(target, str) or not re.match(r"^[\w.]+:[\w.]+$", target):
+            r.problem(f"pipelines.{name}", f"expected 'package.module:attribute', got {target!r}")
+            continue
+        plugins[str(name)] = target
+
+    n = r.mapping(top.get("node"), "node")
+    r.unknown(n, "node", {"ae_title", "host", "port", "storage", "max_pdu_size",
+                          "max_associations", "network_timeout_s", "max_instance_bytes"})
+    node = NodeSettings(
+        ae_title=r.ae_title(n.get("ae_title", "DICOMNODE"), "node.ae_title"),
+        host=r.string(n, "node", "host", "0.0.0.0"),
+        port=r.port(n.get("port", 11112), "node.port"),
+        storage=Path(r.string(n, "node", "storage", "./var")),
+        max_pdu_size=r.number(n, "node", "max_pdu_size", 262144, minimum=4096, integer=True),
+        max_associations=r.number(n, "node", "max_associations", 16, minimum=1, integer=True),
+        network_timeout_s=float(r.number(n, "node", "network_timeout_s", 60.0, minimum=1)),
+        max_instance_bytes=r.number(n, "node", "max_instance_bytes", 4 * 1024**3,
+                                    minimum=1024, integer=True),
+    )
+
+    s = r.mapping(top.get("security"), "security")
+    r.unknown(s, "security", {"allowed_callers", "allow_any_caller", "tls"})
+    callers: list[CallerRule] = []
+    raw_callers = s.get("allowed_callers", [])
+    if not isinstance(raw_callers, list):
+        r.problem("security.allowed_callers", "expected a list of {ae_title, host}")
+        raw_callers = []
+    for i, item in enumerate(raw_callers):
+        key = f"security.allowed_callers[{i}]"
+        item = r.mapping(item, key)
+        r.unknown(item, key, {"ae_title", "host"})
+        if "ae_title" not in item or "host" not in item:
+            r.problem(key, "needs both ae_title and host")
+            continue
+        host = str(item["host"])
+        callers.append(CallerRule(r.ae_title(item["ae_title"], f"{key}.ae_title"), host))
+    allow_any = s.get("allow_any_caller", False)
+    if not isinstance(allow_any, bool):
+        r.problem("security.allow_any_caller", f"expected true or false, got {allow_any!r}")
+        allow_any = False
+    tls = s.get("tls")
+    if tls is not None:
+        r.problem("security.tls", "TLS is not supported by this version; set it to null")
+    security = SecuritySettings(tuple(callers), allow_any, None)
+
+    c = r.mapping(top.get("completion"), "completion")
+    r.unknown(c, "completion", {"series_quiet_s", "study_quiet_s", "sweep_interval_s"})
+    completion = CompletionSettings(
+        series_quiet_s=float(r.number(c, "completion", "series_quiet_s", 10.0)),
+        study_quiet_s=float(r.number(c, "completion", "study_quiet_s", 30.0)),
+        sweep_interval_s=float(r.number(c, "completion", "sweep_interval_s", 1.0, minimum=0.05)),
+    )
+
+    destinations: dict[str, Destination] = {}
+    d = r.mapping(top.get("destinations"), "destinations")
+    for name, item in d.items():
+        key = f"destinations.{name}"
+        item = r.mapping(item, key)
+        r.unknown(item, key, {"ae_title", "host", "port"})
+        for required in ("ae_title", "host", "port"):
+            if required not in item:
+                r.problem(f"{key}.{required}", "missing")
+        destinations[str(name)] = Destination(
+            name=str(name),
+            ae_title=r.ae_title(item.get("ae_title", "X"), f"{key}.ae_title"),
+            host=str(item.get("host", "")),
+            port=r.port(item.get("port", 0), f"{key}.port"),
+        )
+
+    routes: list[Route] = []
+    raw_routes = top.get("routes", [])
+    if raw_routes is None:
+        raw_routes = []
+    if not isinstance(raw_routes, list):
+        r.problem("routes", "expected a list of routes")
+        raw_routes = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw_routes):
+        key = f"routes[{i}]"
+        item = r.mapping(item, key)
+        r.unknown(item, key, {"name", "match", "pipeline", "send_to", "level", "options"})
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            r.problem(f"{key}.name", "missing or not a string")
+            name = f"route-{i}"
+        elif name in seen:
+            r.problem(f"{key}.name", f"duplicate route name {name!r}")
+        seen.add(name)
+        key = f"routes[{i}] ({name})"
+        try:
+            conditions = parse_conditions(item.get("match"))
+        except RuleError as exc:
+            for why in exc.problems:
+                r.problems.append(f"{r.file}: {key}.match.{why}")
+            conditions = ()
+        pipeline = item.get("pipeline")
+        if not isinstance(pipeline, str) or not pipeline:
+            r.problem(f"{key}.pipeline", "missing")
+            pipeline = ""
+        else:
+            from dicomnode.pipelines.registry import known_pipelines
+
+            known = known_pipelines(plugins)
+            if pipeline not in known:
+                r.problem(f"{key}.pipeline",
+                          f"unknown pipeline {pipeline!r}; known: {', '.join(known)}")
+        send_to = item.get("send_to", [])
+        if isinstance(send_to, str):
+            send_to = [send_to]
+        if not isinstance(send_to, list):
+            r.problem(f"{key}.send_to", "expected a list of destination names")
+            send_to = []
+        for dest in send_to:
+            if dest not in destinations:
+                r.problem(f"{key}.send_to", f"unknown destination {dest!r}")
+        level = item.get("level", "series")
+        if level not in ("series", "study"):
+            r.problem(f"{key}.level", f"must be 'series' or 'study', got {level!r}")
+            level = "series"
+        options = r.mapping(item.get("options"), f"{key}.options")
+        routes.append(Route(name, conditions, pipeline, tuple(str(x) for x in send_to),
+                            level, options))
+
+    q = r.mapping(top.get("query"), "query")
+    r.unknown(q, "query", {"source"})
+    query_source = q.get("source")
+    if query_source is not None and query_source not in destinations:
+        r.problem("query.source", f"unknown destination {query_source!r}")
+
+    m = r.mapping(top.get("models"), "models")
+    r.unknown(m, "models", {"dir"})
+    models_dir = Path(r.string(m, "models", "dir", "./models"))
+
+    j = r.mapping(top.get("jobs"), "jobs")
+    r.unknown(j, "jobs", {"workers", "timeout_s", "max_attempts"})
+    jobs = JobSettings(
+        workers=r.number(j, "jobs", "workers", 1, minimum=1, integer=True),
+        timeout_s=float(r.number(j, "jobs", "timeout_s", 600.0, minimum=1)),
+        max_attempts=r.number(j, "jobs", "max_attempts", 3, minimum=1, integer=True),
+    )
+
+    o = r.mapping(top.get("outbox"), "outbox")
+    r.unknown(o, "outbox", {"max_attempts", "backoff_initial_s", "backoff_max_s", "interval_s",
+                            "timeout_s"})
+    outbox = OutboxSettings(
+        max_attempts=r.number(o, "outbox", "max_attempts", 12, minimum=1, integer=True),
+        backoff_initial_s=float(r.number(o, "outbox", "backoff_initial_s", 2.0)),
+        backoff_max_s=float(r.number(o, "outbox", "backoff_max_s", 300.0)),
+        interval_s=float(r.number(o, "outbox", "interval_s", 1.0, minimum=0.05)),
+        timeout_s=float(r.number(o, "outbox", "timeout_s", 30.0, minimum=1)),
+    )
+
+    lg = r.mapping(top.get("logging"), "logging")
+    r.unknown(lg, "logging", {"level"})
+    level = str(lg.get("level", "INFO")).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        r.problem("logging.level", f"must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+        level = "INFO"
+
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Settings(node, security, completion, destinations, tuple(routes), jobs, outbox,
+                    query_source, models_dir, level, source, plugins)

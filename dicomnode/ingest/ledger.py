@@ -1,0 +1,599 @@
+"""The ledger: every durable fact the node knows, in one SQLite database (WAL).
+
+State machine::
+
+    instance received ─▶ series open ──quiet/evidence──▶ series complete ─▶ routed (jobs)
+                                 ▲                               │
+                                 └──────── late instance ────────┘ (generation + 1)
+    job pending ─▶ running ─▶ done (outbox rows) | pending again | failed
+    outbox pending ─▶ sending ─▶ sent | pending (backoff) | dead
+
+Every transition is one transaction, so a process killed at any instant restarts into
+a consistent state: running jobs go back to pending, sending outbox rows back to
+pending (their deterministic UIDs make a repeat send replace rather than duplicate).
+Patient identifiers are never stored in clear: ``patient_key`` is a salted hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    patient_key TEXT NOT NULL,
+    accession_key TEXT,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'open',
+    generation INTEGER NOT NULL DEFAULT 0,
+    closed_at REAL,
+    close_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+    patient_key TEXT NOT NULL,
+    modality TEXT,
+    calling_ae TEXT,
+    attrs TEXT NOT NULL,
+    instance_count INTEGER NOT NULL DEFAULT 0,
+    expected_count INTEGER,
+    expected_by TEXT,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'open',
+    generation INTEGER NOT NULL DEFAULT 0,
+    closed_at REAL,
+    close_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
+CREATE INDEX IF NOT EXISTS series_state ON series(state, last_received);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL REFERENCES series(series_uid),
+    study_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    calling_ae TEXT,
+    received_at REAL NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS instance_versions (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    superseded_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS route_decisions (
+    id INTEGER PRIMARY KEY,
+    subject_uid TEXT NOT NULL,
+    level TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    route TEXT,
+    matched INTEGER NOT NULL,
+    reasons TEXT NOT NULL,
+    decided_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS route_subject ON route_decisions(subject_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    route TEXT NOT NULL,
+    pipeline TEXT NOT NULL,
+    level TEXT NOT NULL,
+    subject_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uids TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT,
+    summary TEXT,
+    UNIQUE(route, subject_uid, generation)
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER REFERENCES jobs(id),
+    destination TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    sent_at REAL,
+    UNIQUE(destination, sop_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+"""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    patient_key: str
+    accession_key: str | None
+    modality: str | None
+    path: str
+    sha256: str
+    size: int
+    transfer_syntax: str
+    calling_ae: str
+    attrs: dict[str, Any]
+    expected_count: int | None = None
+    expected_by: str | None = None
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    """``new``, ``duplicate`` (same bytes again) or ``replaced`` (same UID, new bytes)."""
+
+    kind: str
+    reopened: bool
+    previous_path: str | None = None
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    series_uid: str
+    study_uid: str
+    modality: str | None
+    calling_ae: str | None
+    attrs: dict[str, Any]
+    instance_count: int
+    expected_count: int | None
+    expected_by: str | None
+    last_received: float
+    state: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    study_uid: str
+    last_received: float
+    state: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: int
+    route: str
+    pipeline: str
+    level: str
+    subject_uid: str
+    study_uid: str
+    series_uids: tuple[str, ...]
+    generation: int
+    state: str
+    attempts: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    job_id: int | None
+    destination: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    path: str
+    state: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    route: str | None
+    matched: bool
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NewJob:
+    route: str
+    pipeline: str
+    level: str
+    subject_uid: str
+    study_uid: str
+    series_uids: tuple[str, ...]
+
+
+class Ledger:
+    """Thread-safe access to the ledger database; one connection per thread."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._conn()
+        conn.executescript(_SCHEMA)
+        with self._write():
+            row = conn.execute("SELECT value FROM meta WHERE key='salt'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('salt', ?)", (secrets.token_hex(16),))
+                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        self._salt = str(conn.execute("SELECT value FROM meta WHERE key='salt'").fetchone()[0])
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    # -- identifiers -------------------------------------------------------------------
+
+    def hash_identifier(self, value: str) -> str:
+        """Salted hash used wherever an identifier must be correlated but not revealed."""
+        digest = hashlib.sha256(f"{self._salt}|{value}".encode()).hexdigest()
+        return digest[:16]
+
+    # -- ingest ------------------------------------------------------------------------
+
+    def record_instance(self, rec: InstanceRecord) -> IngestOutcome:
+        """Record a durable instance; re-open its series and study if they had closed."""
+        now = self.clock()
+        with self._write() as c:
+            prev = c.execute("SELECT sha256, path FROM instances WHERE sop_instance_uid=?",
+                             (rec.sop_instance_uid,)).fetchone()
+            if prev is not None and prev[0] == rec.sha256:
+                return IngestOutcome("duplicate", reopened=False)
+            study = c.execute("SELECT state FROM studies WHERE study_uid=?",
+                              (rec.study_uid,)).fetchone()
+            reopened = False
+            if study is None:
+                c.execute("INSERT INTO studies (study_uid, patient_key, accession_key, "
+                          "first_received, last_received) VALUES (?,?,?,?,?)",
+                          (rec.study_uid, rec.patient_key, rec.accession_key, now, now))
+            else:
+                if study[0] != "open":
+                    reopened = True
+                c.execute("UPDATE studies SET last_received=?, state='open', "
+                          "generation=generation + (state != 'open'), closed_at=NULL, "
+                          "close_reason=NULL WHERE study_uid=?", (now, rec.study_uid))
+            series = c.execute("SELECT state, study_uid FROM series WHERE series_uid=?",
+                               (rec.series_uid,)).fetchone()
+            if series is None:
+                c.execute("INSERT INTO series (series_uid, study_uid, patient_key, modality, "
+                          "calling_ae, attrs, expected_count, expected_by, first_received, "
+                          "last_received) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                          (rec.series_uid, rec.study_uid, rec.patient_key, rec.modality,
+                           rec.calling_ae, json.dumps(rec.attrs), rec.expected_count,
+                           rec.expected_by, now, now))
+            else:
+                if series[0] != "open":
+                    reopened = True
+                c.execute("UPDATE series SET last_received=?, state='open', "
+                          "generation=generation + (state != 'open'), closed_at=NULL, "
+                          "close_reason=NULL, "
+                          "expected_count=COALESCE(expected_count, ?), "
+                          "expected_by=COALESCE(expected_by, ?) WHERE series_uid=?",
+                          (now, rec.expected_count, rec.expected_by, rec.series_uid))
+            if prev is None:
+                c.execute("INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, "
+                          "study_uid, path, sha256, size, transfer_syntax, calling_ae, "
+                          "received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                          (rec.sop_instance_uid, rec.sop_class_uid, rec.series_uid,
+                           rec.study_uid, rec.path, rec.sha256, rec.size, rec.transfer_syntax,
+                           rec.calling_ae, now))
+                c.execute("UPDATE series SET instance_count=instance_count+1 WHERE series_uid=?",
+                          (rec.series_uid,))
+                return IngestOutcome("new", reopened)
+            c.execute("INSERT INTO instance_versions (sop_instance_uid, path, sha256, "
+                      "superseded_at) VALUES (?,?,?,?)",
+                      (rec.sop_instance_uid, prev[1], prev[0], now))
+            c.execute("UPDATE instances SET path=?, sha256=?, size=?, transfer_syntax=?, "
+                      "calling_ae=?, received_at=?, version=version+1 "
+                      "WHERE sop_instance_uid=?",
+                      (rec.path, rec.sha256, rec.size, rec.transfer_syntax, rec.calling_ae, now,
+                       rec.sop_instance_uid))
+            return IngestOutcome("replaced", reopened=True, previous_path=str(prev[1]))
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        row = self._conn().execute("SELECT 1 FROM instances WHERE sop_instance_uid=?",
+                                   (sop_instance_uid,)).fetchone()
+        return row is not None
+
+    def instance_paths(self, series_uids: Sequence[str]) -> list[tuple[str, str]]:
+        """(sop_instance_uid, path) of every current instance of these series."""
+        out: list[tuple[str, str]] = []
+        conn = self._conn()
+        for uid in series_uids:
+            out.extend((str(a), str(b)) for a, b in conn.execute(
+                "SELECT sop_instance_uid, path FROM instances WHERE series_uid=? "
+                "ORDER BY received_at, sop_instance_uid", (uid,)))
+        return out
+
+    # -- completion --------------------------------------------------------------------
+
+    def _series_row(self, row: Sequence[Any]) -> SeriesRow:
+        return SeriesRow(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], row[6],
+                         row[7], row[8], row[9], row[10])
+
+    _SERIES_COLS = ("series_uid, study_uid, modality, calling_ae, attrs, instance_count, "
+                    "expected_count, expected_by, last_received, state, generation")
+
+    def open_series(self) -> list[SeriesRow]:
+        rows = self._conn().execute(
+            f"SELECT {self._SERIES_COLS} FROM series WHERE state='open'").fetchall()
+        return [self._series_row(r) for r in rows]
+
+    def series_of_study(self, study_uid: str) -> list[SeriesRow]:
+        rows = self._conn().execute(
+            f"SELECT {self._SERIES_COLS} FROM series WHERE study_uid=? ORDER BY first_received",
+            (study_uid,)).fetchall()
+        return [self._series_row(r) for r in rows]
+
+    def get_series(self, series_uid: str) -> SeriesRow | None:
+        row = self._conn().execute(
+            f"SELECT {self._SERIES_COLS} FROM series WHERE series_uid=?",
+            (series_uid,)).fetchone()
+        return None if row is None else self._series_row(row)
+
+    def open_studies(self) -> list[StudyRow]:
+        rows = self._conn().execute(
+            "SELECT study_uid, last_received, state, generation FROM studies "
+            "WHERE state='open'").fetchall()
+        return [StudyRow(*r) for r in rows]
+
+    def close_series(self, series: SeriesRow, reason: str,
+                     decisions: Sequence[RouteDecision], jobs: Sequence[NewJob]) -> bool:
+        """Close a series, record its routing and create its jobs, atomically.
+
+        Returns False (and changes nothing) when an instance arrived since ``series`` was
+        read: the series is then still open and will be reconsidered.
+        """
+        now = self.clock()
+        with self._write() as c:
+            cur = c.execute("UPDATE series SET state='complete', closed_at=?, close_reason=? "
+                            "WHERE series_uid=? AND state='open' AND generation=? "
+                            "AND instance_count=?",
+                            (now, reason, series.series_uid, series.generation,
+                             series.instance_count))
+            if cur.rowcount != 1:
+                return False
+            self._record_routing(c, series.series_uid, "series", series.generation, decisions,
+                                 jobs, now)
+            return True
+
+    def close_study(self, study: StudyRow, reason: str, decisions: Sequence[RouteDecision],
+                    jobs: Sequence[NewJob]) -> bool:
+        now = self.clock()
+        with self._write() as c:
+            cur = c.execute("UPDATE studies SET state='complete', closed_at=?, close_reason=? "
+                            "WHERE study_uid=? AND state='open' AND generation=? "
+                            "AND last_received=?",
+                            (now, reason, study.study_uid, study.generation,
+                             study.last_received))
+            if cur.rowcount != 1:
+                return False
+            self._record_routing(c, study.study_uid, "study", study.generation, decisions, jobs,
+                                 now)
+            return True
+
+    def _record_routing(self, c: sqlite3.Connection, subject: str, level: str, generation: int,
+                        decisions: Sequence[RouteDecision], jobs: Sequence[NewJob],
+                        now: float) -> None:
+        for d in decisions:
+            c.execute("INSERT INTO route_decisions (subject_uid, level, generation, route, "
+                      "matched, reasons, decided_at) VALUES (?,?,?,?,?,?,?)",
+                      (subject, level, generation, d.route, int(d.matched),
+                       json.dumps(list(d.reasons)), now))
+        for j in jobs:
+            c.execute("INSERT OR IGNORE INTO jobs (route, pipeline, level, subject_uid, "
+                      "study_uid, series_uids, generation, created_at) VALUES (?,?,?,?,?,?,?,?)",
+                      (j.route, j.pipeline, j.level, j.subject_uid, j.study_uid,
+                       json.dumps(list(j.series_uids)), generation, now))
+
+    def route_decisions(self, subject_uid: str) -> list[dict[str, Any]]:
+        rows = self._conn().execute(
+            "SELECT level, generation, route, matched, reasons, decided_at FROM route_decisions "
+            "WHERE subject_uid=? ORDER BY id", (subject_uid,)).fetchall()
+        return [{"level": r[0], "generation": r[1], "route": r[2], "matched": bool(r[3]),
+                 "reasons": json.loads(r[4]), "decided_at": r[5]} for r in rows]
+
+    # -- jobs --------------------------------------------------------------------------
+
+    def _job(self, r: Sequence[Any]) -> JobRow:
+        return JobRow(r[0], r[1], r[2], r[3], r[4], r[5], tuple(json.loads(r[6])), r[7], r[8],
+                      r[9], r[10])
+
+    _JOB_COLS = ("id, route, pipeline, level, subject_uid, study_uid, series_uids, generation, "
+                 "state, attempts, error")
+
+    def recover(self) -> tuple[int, int]:
+        """After a restart: re-queue jobs that were running and sends that were in flight."""
+        with self._write() as c:
+            jobs = c.execute("UPDATE jobs SET state='pending' WHERE state='running'").rowcount
+            sends = c.execute("UPDATE outbox SET state='pending' WHERE state='sending'").rowcount
+        return jobs, sends
+
+    def claim_job(self) -> JobRow | None:
+        now = self.clock()
+        with self._write() as c:
+            row = c.execute(f"SELECT {self._JOB_COLS} FROM jobs WHERE state='pending' "
+                            "ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            c.execute("UPDATE jobs SET state='running', attempts=attempts+1, started_at=? "
+                      "WHERE id=?", (now, row[0]))
+        job = self._job(row)
+        return JobRow(job.id, job.route, job.pipeline, job.level, job.subject_uid, job.study_uid,
+                      job.series_uids, job.generation, "running", job.attempts + 1, job.error)
+
+    def get_job(self, job_id: int) -> JobRow | None:
+        row = self._conn().execute(f"SELECT {self._JOB_COLS} FROM jobs WHERE id=?",
+                                   (job_id,)).fetchone()
+        return None if row is None else self._job(row)
+
+    def jobs(self, state: str | None = None) -> list[JobRow]:
+        sql = f"SELECT {self._JOB_COLS} FROM jobs"
+        args: tuple[Any, ...] = ()
+        if state:
+            sql += " WHERE state=?"
+            args = (state,)
+        return [self._job(r) for r in self._conn().execute(sql + " ORDER BY id", args)]
+
+    def finish_job(self, job_id: int, summary: dict[str, Any],
+                   outputs: Sequence[tuple[str, str, str, str]],
+                   destinations: Sequence[str]) -> None:
+        """Mark a job done and queue each output (sop uid, class uid, study uid, path)."""
+        now = self.clock()
+        with self._write() as c:
+            c.execute("UPDATE jobs SET state='done', finished_at=?, summary=?, error=NULL "
+                      "WHERE id=?", (now, json.dumps(summary), job_id))
+            for dest in destinations:
+                for sop_uid, class_uid, study_uid, path in outputs:
+                    c.execute("INSERT OR IGNORE INTO outbox (job_id, destination, "
+                              "sop_instance_uid, sop_class_uid, study_uid, path, "
+                              "next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?)",
+                              (job_id, dest, sop_uid, class_uid, study_uid, path, now, now))
+
+    def fail_job(self, job_id: int, error: str, *, max_attempts: int) -> str:
+        """Record a failure; re-queue while attempts remain. Returns the new state."""
+        now = self.clock()
+        with self._write() as c:
+            row = c.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
+            state = "pending" if row is not None and row[0] < max_attempts else "failed"
+            c.execute("UPDATE jobs SET state=?, error=?, finished_at=? WHERE id=?",
+                      (state, error[:2000], now, job_id))
+        return state
+
+    def retry_job(self, job_id: int) -> bool:
+        with self._write() as c:
+            return c.execute("UPDATE jobs SET state='pending', attempts=0 WHERE id=? AND "
+                             "state='failed'", (job_id,)).rowcount == 1
+
+    # -- outbox ------------------------------------------------------------------------
+
+    _OUT_COLS = ("id, job_id, destination, sop_instance_uid, sop_class_uid, study_uid, path, "
+                 "state, attempts")
+
+    def due_outbox(self, limit: int = 100) -> list[OutboxRow]:
+        rows = self._conn().execute(
+            f"SELECT {self._OUT_COLS} FROM outbox WHERE state='pending' AND next_attempt_at<=? "
+            "ORDER BY destination, id LIMIT ?", (self.clock(), limit)).fetchall()
+        return [OutboxRow(*r) for r in rows]
+
+    def outbox(self, state: str | None = None) -> list[OutboxRow]:
+        sql = f"SELECT {self._OUT_COLS} FROM outbox"
+        args: tuple[Any, ...] = ()
+        if state:
+            sql += " WHERE state=?"
+            args = (state,)
+        return [OutboxRow(*r) for r in self._conn().execute(sql + " ORDER BY id", args)]
+
+    def mark_sending(self, outbox_id: int) -> None:
+        with self._write() as c:
+            c.execute("UPDATE outbox SET state='sending', attempts=attempts+1 WHERE id=?",
+                      (outbox_id,))
+
+    def mark_sent(self, outbox_id: int, status: int) -> None:
+        with self._write() as c:
+            c.execute("UPDATE outbox SET state='sent', sent_at=?, last_status=?, last_error=NULL "
+                      "WHERE id=?", (self.clock(), status, outbox_id))
+
+    def mark_send_failed(self, outbox_id: int, status: int | None, error: str,
+                         next_attempt_at: float | None) -> None:
+        """Back to pending at ``next_attempt_at``, or dead-lettered when it is None."""
+        state = "dead" if next_attempt_at is None else "pending"
+        with self._write() as c:
+            c.execute("UPDATE outbox SET state=?, last_status=?, last_error=?, next_attempt_at=? "
+                      "WHERE id=?", (state, status, error[:2000],
+                                     next_attempt_at or self.clock(), outbox_id))
+
+    def retry_dead(self, outbox_id: int | None = None) -> int:
+        with self._write() as c:
+            if outbox_id is None:
+                return c.execute("UPDATE outbox SET state='pending', attempts=0, "
+                                 "next_attempt_at=? WHERE state='dead'",
+                                 (self.clock(),)).rowcount
+            return c.execute("UPDATE outbox SET state='pending', attempts=0, next_attempt_at=? "
+                             "WHERE id=? AND state='dead'", (self.clock(), outbox_id)).rowcount
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        conn = self._conn()
+        out: dict[str, dict[str, int]] = {}
+        for table in ("studies", "series", "jobs", "outbox"):
+            out[table] = {str(s): int(n) for s, n in conn.execute(
+                f"SELECT state, count(*) FROM {table} GROUP BY state")}
+        out["instances"] = {"stored": int(conn.execute(
+            "SELECT count(*) FROM instances").fetchone()[0])}
+        return out
+
+    def failures(self, limit: int = 50) -> dict[str, list[dict[str, Any]]]:
+        conn = self._conn()
+        jobs = [{"id": r[0], "route": r[1], "subject_uid": r[2], "attempts": r[3],
+                 "error": r[4]} for r in conn.execute(
+            "SELECT id, route, subject_uid, attempts, error FROM jobs WHERE state='failed' "
+            "ORDER BY id DESC LIMIT ?", (limit,))]
+        dead = [{"id": r[0], "destination": r[1], "sop_instance_uid": r[2], "attempts": r[3],
+                 "last_status": r[4], "error": r[5]} for r in conn.execute(
+            "SELECT id, destination, sop_instance_uid, attempts, last_status, last_error "
+            "FROM outbox WHERE state='dead' ORDER BY id DESC LIMIT ?", (limit,))]
+        return {"failed_jobs": jobs, "dead_letters": dead}
+
+    def unmatched_series(self, limit: int = 50) -> list[str]:
+        rows = self._conn().execute(
+            "SELECT s.series_uid FROM series s WHERE s.state='complete' AND NOT EXISTS "
+            "(SELECT 1 FROM route_decisions d WHERE d.subject_uid=s.series_uid AND d.matched=1 "
+            "AND d.generation=s.generation) ORDER BY s.closed_at DESC LIMIT ?", (limit,))
+        return [str(r[0]) for r in rows]

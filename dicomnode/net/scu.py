@@ -1,0 +1,137 @@
+"""Outgoing DICOM: C-STORE of files, with every response status checked.
+
+Files are sent as they are stored (no decode/re-encode): each file's own transfer
+syntax is proposed, with explicit and implicit little endian as alternatives for
+uncompressed data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.uid import UID
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicomnode.net.scp import _assoc_socket, configure_pynetdicom, set_nodelay
+from dicomnode.net.status import category
+
+log = logging.getLogger(__name__)
+
+_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+
+
+class AssociationFailed(Exception):
+    """The peer could not be reached, rejected us, or aborted."""
+
+
+@dataclass(frozen=True)
+class SendResult:
+    path: Path
+    status: int | None  # None: not sent (association lost before a response)
+    error: str | None = None
+
+    @property
+    def category(self) -> str:
+        return "failure" if self.status is None else category(self.status)
+
+
+def _file_identity(path: Path) -> tuple[str, str]:
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    return str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)
+
+
+def _nodelay(event: evt.Event) -> None:
+    set_nodelay(_assoc_socket(event.assoc))
+
+
+class StoreClient:
+    """One association to one peer, reused for a batch of files."""
+
+    def __init__(self, *, host: str, port: int, called_aet: str, calling_aet: str,
+                 timeout_s: float = 30.0) -> None:
+        configure_pynetdicom()
+        self.host = host
+        self.port = port
+        self.called_aet = called_aet
+        self.calling_aet = calling_aet
+        self.timeout_s = timeout_s
+
+    def echo(self) -> int | None:
+        ae = AE(ae_title=self.calling_aet)
+        ae.add_requested_context(Verification)
+        assoc = self._associate(ae)
+        try:
+            rsp = assoc.send_c_echo()
+            return int(rsp.Status) if "Status" in rsp else None
+        finally:
+            assoc.release()
+
+    def _associate(self, ae: AE) -> Any:
+        ae.acse_timeout = self.timeout_s
+        ae.dimse_timeout = self.timeout_s
+        ae.network_timeout = self.timeout_s
+        ae.connection_timeout = self.timeout_s
+        assoc = ae.associate(self.host, self.port, ae_title=self.called_aet,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+        if not assoc.is_established:
+            if assoc.is_rejected:
+                why = "rejected the association"
+            elif assoc.is_aborted:
+                why = "aborted the association"
+            else:
+                why = "could not be reached"
+            raise AssociationFailed(
+                f"{self.called_aet}@{self.host}:{self.port} {why}")
+        return assoc
+
+    def send(self, paths: Sequence[Path]) -> list[SendResult]:
+        """Send each file; a failure of one file does not stop the others."""
+        identities = [_file_identity(p) for p in paths]
+        ae = AE(ae_title=self.calling_aet)
+        wanted: dict[str, set[str]] = {}
+        for sop_class, ts in identities:
+            wanted.setdefault(sop_class, set()).add(ts)
+        for sop_class, syntaxes in wanted.items():
+            for ts in sorted(syntaxes):
+                if UID(ts).is_compressed:
+                    ae.add_requested_context(sop_class, [ts])
+            if any(not UID(ts).is_compressed for ts in syntaxes):
+                ae.add_requested_context(sop_class, _UNCOMPRESSED + ["1.2.840.10008.1.2.2"])
+        if len(ae.requested_contexts) > 128:
+            raise ValueError("too many SOP class/transfer syntax combinations for one "
+                             "association; send fewer files at a time")
+        assoc = self._associate(ae)
+        results: list[SendResult] = []
+        try:
+            for path in paths:
+                if not assoc.is_established:
+                    results.append(SendResult(path, None, "association lost"))
+                    continue
+                try:
+                    rsp = assoc.send_c_store(dcmread(path))
+                except (ValueError, RuntimeError, OSError) as exc:
+                    results.append(SendResult(path, None, str(exc)))
+                    continue
+                status = int(rsp.Status) if "Status" in rsp else None
+                comment = str(rsp.get("ErrorComment", "") or "") or None
+                results.append(SendResult(path, status, comment if status else None))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return results
+
+
+def send_files(paths: Iterable[Path], *, host: str, port: int, called_aet: str,
+               calling_aet: str = "DICOMNODE", batch: int = 64) -> list[SendResult]:
+    files = list(paths)
+    client = StoreClient(host=host, port=port, called_aet=called_aet, calling_aet=calling_aet)
+    results: list[SendResult] = []
+    for i in range(0, len(files), batch):
+        results.extend(client.send(files[i:i + batch]))
+    return results

@@ -1,0 +1,114 @@
+"""Composition root: builds every part of the node from its settings and runs it."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom import dcmread
+
+from dicomnode.config import Settings
+from dicomnode.ingest.completion import CompletionTracker
+from dicomnode.ingest.ledger import Ledger
+from dicomnode.ingest.spool import Spool
+from dicomnode.jobs.outbox import OutboxSender
+from dicomnode.jobs.runner import JobRunner
+from dicomnode.net.scp import StoreSCP
+from dicomnode.routing.router import Router, routing_keywords
+from dicomnode.routing.rules import header_values
+
+log = logging.getLogger(__name__)
+
+LEDGER_NAME = "ledger.sqlite3"
+
+
+def open_ledger(settings: Settings, clock: Callable[[], float] = time.time) -> Ledger:
+    return Ledger(settings.spool_dir / LEDGER_NAME, clock=clock)
+
+
+class Node:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.spool = Spool(settings.spool_dir, max_instance_bytes=settings.node.max_instance_bytes)
+        self.ledger = open_ledger(settings, clock)
+        self.router = Router(settings.routes, header_loader=self._series_header)
+        self.completion = CompletionTracker(self.ledger, self.router, settings.completion)
+        self.outbox = OutboxSender(settings, self.ledger, self.spool)
+        self.runner = JobRunner(settings, self.ledger, on_finished=self._kick_outbox)
+        self.scp = StoreSCP(settings, self.spool, self.ledger)
+        self.scheduler = BackgroundScheduler(timezone=UTC)
+        self._stopped = threading.Event()
+
+    def _series_header(self, series_uid: str) -> Mapping[str, Any]:
+        paths = self.ledger.instance_paths([series_uid])
+        if not paths:
+            return {}
+        ds = dcmread(self.spool.path(paths[0][1]), stop_before_pixels=True)
+        return header_values(ds, routing_keywords(self.settings.routes))
+
+    def _sweep(self) -> None:
+        closed = self.completion.sweep()
+        if any(c.jobs for c in closed):
+            self.runner.wake.set()
+
+    def _pump(self) -> None:
+        try:
+            self.outbox.pump()
+        except Exception:
+            log.exception("outbox pump failed")
+
+    def _kick_outbox(self) -> None:
+        job = self.scheduler.get_job("outbox")
+        if job is not None:
+            job.modify(next_run_time=datetime.now(UTC))
+
+    def start(self) -> None:
+        removed = self.spool.clear_partials()
+        jobs, sends = self.ledger.recover()
+        if removed or jobs or sends:
+            log.info("recovered after restart: %d partial file(s) removed, %d job(s) and "
+                     "%d send(s) re-queued", removed, jobs, sends)
+        self.scp.start()
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        now = datetime.now(UTC)
+        self.scheduler.add_job(self._sweep, "interval", id="completion",
+                               seconds=self.settings.completion.sweep_interval_s,
+                               max_instances=1, coalesce=True, next_run_time=now)
+        self.scheduler.add_job(self._pump, "interval", id="outbox",
+                               seconds=self.settings.outbox.interval_s,
+                               max_instances=1, coalesce=True, next_run_time=now)
+        self.scheduler.start()
+        self.runner.start()
+
+    def stop(self) -> None:
+        """Graceful: stop accepting, stop scheduling, let jobs finish or re-queue them."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.scp.stop()
+        self.scheduler.shutdown(wait=True)
+        self.runner.stop()
+        log.info("stopped")
+
+    def serve_forever(self) -> None:
+        done = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %d: stopping", signum)
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        try:
+            while not done.wait(0.5):
+                pass
+        finally:
+            self.stop()
