@@ -59,6 +59,7 @@ class _Walker:
         self.size = size
         self.implicit = implicit
         self.endian = "<" if little else ">"
+        self.pixel_length: int | None = None
 
     def _read(self, n: int) -> bytes:
         data = self.fp.read(n)
@@ -110,6 +111,8 @@ class _Walker:
             elif vr == b"SQ" or (self.implicit and self._is_sequence(tag) and length > 0):
                 self._walk_sequence(self.fp.tell() + length, depth + 1)
             else:
+                if tag == 0x7FE00010 and depth == 0:
+                    self.pixel_length = length
                 self._skip(length)
 
     @staticmethod
@@ -221,6 +224,7 @@ def read_instance(path: Path, *, affected_sop_class: str | None = None,
             meta_walker._skip(length)
         walker = _Walker(fp, size, implicit=tsu.is_implicit_VR, little=tsu.is_little_endian)
         walker.walk_dataset(None, 0)
+        pixel_len = walker.pixel_length
 
     sop_class = _check_uid(ds.get("SOPClassUID"), "SOPClassUID")
     sop_instance = _check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -234,19 +238,8 @@ def read_instance(path: Path, *, affected_sop_class: str | None = None,
                               kind="class_mismatch")
     if not tsu.is_compressed and "Rows" in ds:
         expected = _expected_native_bytes(ds)
-        pixel_len = _pixel_data_length(path, tsu)
         if expected is not None and pixel_len is not None and pixel_len < expected:
             raise DatasetRejected(
                 f"pixel data holds {pixel_len} bytes but Rows/Columns/Frames/Bits declare "
                 f"{expected}")
     return InstanceHeader(sop_class, sop_instance, study, series, ts, ds)
-
-
-def _pixel_data_length(path: Path, tsu: UID) -> int | None:
-    """Length of the top-level native Pixel Data element, found without reading it."""
-    ds = dcmread(path, defer_size=64, specific_tags=["PixelData"])
-    if "PixelData" not in ds:
-        return None
-    elem = ds.get_item("PixelData")
-    length = getattr(elem, "length", None)
-    return int(length) if isinstance(length, int) else None

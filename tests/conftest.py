@@ -1,0 +1,7 @@
+"""Shared fixtures. Peers and helpers live in tests/peers.py."""
+
+from __future__ import annotations
+
+import warnings
+
+warnings.filterwarnings("ignore", message=".*Invalid value for VR.*")

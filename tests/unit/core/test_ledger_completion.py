@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import CompletionSettings, parse_settings
+from dicomnode.ingest.completion import CompletionTracker, expected_instances
+from dicomnode.ingest.ledger import InstanceRecord, Ledger
+from dicomnode.routing.router import Router
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rec(sop: str, series: str = "1.2.3.1", study: str = "1.2.3", sha: str | None = None,
+        modality: str = "NM", expected: int | None = None) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.20", study_uid=study,
+        series_uid=series, patient_key="p", accession_key=None, modality=modality,
+        path=f"objects/xx/{sha or sop}.dcm", sha256=sha or sop, size=10,
+        transfer_syntax="1.2.840.10008.1.2.1", calling_ae="PACS",
+        attrs={"Modality": modality, "SeriesDescription": "DaTSCAN"},
+        expected_count=expected, expected_by="NumberOfSlices" if expected else None)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, clock: Clock) -> Ledger:
+    return Ledger(tmp_path / "ledger.sqlite3", clock=clock)
+
+
+def tracker(ledger: Ledger, routes: list[dict[str, object]] | None = None) -> CompletionTracker:
+    settings = parse_settings({"routes": routes or [
+        {"name": "dat", "match": {"Modality": "NM"}, "pipeline": "dat_spect"},
+        {"name": "study-nm", "level": "study", "match": {"Modality": "NM"},
+         "pipeline": "dat_spect"}]})
+    return CompletionTracker(ledger, Router(settings.routes),
+                             CompletionSettings(series_quiet_s=10, study_quiet_s=30))
+
+
+def test_duplicate_and_replacement_policy(ledger: Ledger) -> None:
+    assert ledger.record_instance(rec("1.1")).kind == "new"
+    assert ledger.record_instance(rec("1.1")).kind == "duplicate"
+    replaced = ledger.record_instance(rec("1.1", sha="other"))
+    assert replaced.kind == "replaced" and replaced.previous_path == "objects/xx/1.1.dcm"
+    assert ledger.counts()["instances"]["stored"] == 1
+    assert ledger.instance_paths(["1.2.3.1"]) == [("1.1", "objects/xx/other.dcm")]
+    assert ledger.get_series("1.2.3.1").instance_count == 1  # type: ignore[union-attr]
+
+
+def test_quiet_period_closes_series_then_study_and_creates_jobs(ledger: Ledger,
+                                                                 clock: Clock) -> None:
+    t = tracker(ledger)
+    ledger.record_instance(rec("1.1"))
+    clock.now += 9.9
+    assert t.sweep() == []
+    clock.now += 0.2
+    closed = t.sweep()
+    assert [(c.level, c.jobs) for c in closed] == [("series", 1)]
+    assert "no new instance for 10 s" in closed[0].reason
+    clock.now += 20
+    closed = t.sweep()
+    assert [(c.level, c.jobs) for c in closed] == [("study", 1)]
+    jobs = ledger.jobs()
+    assert [(j.route, j.level, j.series_uids) for j in jobs] == [
+        ("dat", "series", ("1.2.3.1",)), ("study-nm", "study", ("1.2.3.1",))]
+
+
+def test_evidence_closes_before_the_quiet_period(ledger: Ledger, clock: Clock) -> None:
+    t = tracker(ledger)
+    for i in range(3):
+        ledger.record_instance(rec(f"1.{i}", expected=3))
+        if i < 2:
+            assert t.sweep() == []
+    closed = t.sweep()
+    assert closed and "all 3 instances expected by NumberOfSlices arrived" in closed[0].reason
+
+
+def test_late_instance_reopens_with_a_new_generation(ledger: Ledger, clock: Clock) -> None:
+    t = tracker(ledger)
+    ledger.record_instance(rec("1.1"))
+    clock.now += 11
+    t.sweep()
+    assert ledger.get_series("1.2.3.1").state == "complete"  # type: ignore[union-attr]
+    outcome = ledger.record_instance(rec("1.2"))
+    assert outcome.reopened
+    series = ledger.get_series("1.2.3.1")
+    assert series is not None and series.state == "open" and series.generation == 1
+    clock.now += 11
+    t.sweep()
+    gens = sorted(j.generation for j in ledger.jobs() if j.route == "dat")
+    assert gens == [0, 1]
+
+
+def test_unmatched_series_are_recorded_and_left_alone(ledger: Ledger, clock: Clock) -> None:
+    t = tracker(ledger)
+    ledger.record_instance(rec("2.1", series="9.9.1", study="9.9", modality="CT"))
+    clock.now += 40
+    t.sweep()
+    t.sweep()
+    assert ledger.jobs() == []
+    assert ledger.unmatched_series() == ["9.9.1"]
+    reasons = ledger.route_decisions("9.9.1")
+    assert any("Modality == 'NM'" in r for d in reasons for r in d["reasons"])
+
+
+def test_job_lifecycle_and_crash_recovery(ledger: Ledger, clock: Clock) -> None:
+    t = tracker(ledger, [{"name": "dat", "match": {"Modality": "NM"}, "pipeline": "dat_spect"}])
+    ledger.record_instance(rec("1.1"))
+    clock.now += 11
+    t.sweep()
+    job = ledger.claim_job()
+    assert job is not None and job.attempts == 1 and ledger.claim_job() is None
+    assert ledger.recover() == (1, 0)  # the process died while the job ran
+    job = ledger.claim_job()
+    assert job is not None and job.attempts == 2
+    assert ledger.fail_job(job.id, "boom", max_attempts=3) == "pending"
+    job = ledger.claim_job()
+    assert job is not None
+    assert ledger.fail_job(job.id, "boom", max_attempts=3) == "failed"
+    assert ledger.failures()["failed_jobs"][0]["error"] == "boom"
+    assert ledger.retry_job(job.id)
+    job = ledger.claim_job()
+    assert job is not None
+    ledger.finish_job(job.id, {"ok": True}, [("9.1", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.3",
+                                              "results/aa/x.dcm")], ["pacs", "archive"])
+    ledger.finish_job(job.id, {"ok": True}, [("9.1", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.3",
+                                              "results/aa/x.dcm")], ["pacs"])
+    assert len(ledger.outbox()) == 2  # one per destination, never twice
+
+
+def test_outbox_states(ledger: Ledger, clock: Clock) -> None:
+    t = tracker(ledger, [{"name": "dat", "match": {"Modality": "NM"}, "pipeline": "dat_spect"}])
+    ledger.record_instance(rec("1.1"))
+    clock.now += 11
+    t.sweep()
+    job = ledger.claim_job()
+    assert job is not None
+    ledger.finish_job(job.id, {}, [("9.1", "c", "s", "results/aa/x.dcm")], ["pacs"])
+    (row,) = ledger.due_outbox()
+    ledger.mark_sending(row.id)
+    assert ledger.due_outbox() == []
+    assert ledger.recover() == (0, 1)
+    (row,) = ledger.due_outbox()
+    ledger.mark_send_failed(row.id, 0xA700, "full", clock.now + 5)
+    assert ledger.due_outbox() == []
+    clock.now += 6
+    (row,) = ledger.due_outbox()
+    ledger.mark_send_failed(row.id, None, "down", None)
+    assert ledger.failures()["dead_letters"][0]["error"] == "down"
+    assert ledger.retry_dead() == 1
+    (row,) = ledger.due_outbox()
+    ledger.mark_sent(row.id, 0)
+    assert ledger.outbox("sent")[0].id == row.id
+
+
+def test_expected_instances_evidence() -> None:
+    from pydicom.dataset import Dataset
+
+    nm = Dataset()
+    nm.SOPClassUID = "1.2.840.10008.5.1.4.1.1.20"
+    nm.NumberOfFrames = 64
+    nm.NumberOfSlices = 64
+    assert expected_instances(nm)[0] == 1
+    nm.NumberOfFrames = 1
+    assert expected_instances(nm) == (64, "NumberOfSlices 64")
+    ct = Dataset()
+    ct.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    assert expected_instances(ct) == (None, None)
+    ct.ImagesInAcquisition = 40
+    assert expected_instances(ct) == (40, "ImagesInAcquisition 40")
+
+
+def test_patient_identifiers_are_hashed_with_a_salt(tmp_path: Path) -> None:
+    a = Ledger(tmp_path / "a.sqlite3")
+    b = Ledger(tmp_path / "b.sqlite3")
+    assert a.hash_identifier("PAT1") == a.hash_identifier("PAT1")
+    assert a.hash_identifier("PAT1") != b.hash_identifier("PAT1")
+    assert "PAT1" not in a.hash_identifier("PAT1")
