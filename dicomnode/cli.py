@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from dicomnode.config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
 
@@ -81,21 +82,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not (settings.spool_dir / LEDGER_NAME).exists():
         raise CliError(f"no ledger at {settings.spool_dir / LEDGER_NAME}: has the node run?")
     ledger = open_ledger(settings)
-    report = {"counts": ledger.counts(), **ledger.failures(),
-              "unmatched_series": len(ledger.unmatched_series(1000))}
+    counts = ledger.counts()
+    failures = ledger.failures()
+    unmatched = len(ledger.unmatched_series(1000))
+    report: dict[str, Any] = {"counts": counts, **failures, "unmatched_series": unmatched}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    c = report["counts"]
+    c = counts
     print(f"instances stored: {c['instances']['stored']}")
     for table in ("studies", "series", "jobs", "outbox"):
         parts = ", ".join(f"{k} {v}" for k, v in sorted(c[table].items())) or "none"
         print(f"{table}: {parts}")
-    print(f"series matched by no route: {report['unmatched_series']}")
-    for job in report["failed_jobs"]:
+    print(f"series matched by no route: {unmatched}")
+    for job in failures["failed_jobs"]:
         print(f"FAILED job {job['id']} ({job['route']}, {job['attempts']} attempt(s)): "
               f"{str(job['error']).splitlines()[0] if job['error'] else ''}")
-    for dl in report["dead_letters"]:
+    for dl in failures["dead_letters"]:
         print(f"DEAD result {dl['id']} to {dl['destination']} after {dl['attempts']} "
               f"attempt(s): {dl['error']}")
     return 0
@@ -117,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dicomnode.demo import run_demo
 
     _setup_logging("DEBUG" if args.debug else "WARNING")
-    return run_demo(Path(args.workdir), n=args.n, seed=args.seed)
+    return int(run_demo(Path(args.workdir), n=args.n, seed=args.seed))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        return int(func(args))
     except ConfigError as exc:
         if args.debug:
             raise

@@ -176,7 +176,8 @@ class _Reader:
 
     def ae_title(self, value: Any, key: str) -> str:
         if not isinstance(value, str) or not _AE_RE.match(value) or not value.strip():
-            self.problem(key, f"not a valid AE title (1-16 printable characters, no '\\'): {value!r}")
+            self.problem(key, "not a valid AE title (1-16 printable characters, no '\\'): "
+                              f"{value!r}")
             return "INVALID"
         return value.strip()
 
@@ -214,11 +215,12 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
                         "models", "jobs", "outbox", "logging", "pipelines"})
 
     plugins: dict[str, str] = {}
-    for name, target in r.mapping(top.get("pipelines"), "pipelines").items():
+    for plugin, target in r.mapping(top.get("pipelines"), "pipelines").items():
         if not isinstance(target, str) or not re.match(r"^[\w.]+:[\w.]+$", target):
-            r.problem(f"pipelines.{name}", f"expected 'package.module:attribute', got {target!r}")
+            r.problem(f"pipelines.{plugin}",
+                      f"expected 'package.module:attribute', got {target!r}")
             continue
-        plugins[str(name)] = target
+        plugins[str(plugin)] = target
 
     n = r.mapping(top.get("node"), "node")
     r.unknown(n, "node", {"ae_title", "host", "port", "storage", "max_pdu_size",
@@ -270,15 +272,15 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
 
     destinations: dict[str, Destination] = {}
     d = r.mapping(top.get("destinations"), "destinations")
-    for name, item in d.items():
-        key = f"destinations.{name}"
+    for dest_name, item in d.items():
+        key = f"destinations.{dest_name}"
         item = r.mapping(item, key)
         r.unknown(item, key, {"ae_title", "host", "port"})
         for required in ("ae_title", "host", "port"):
             if required not in item:
                 r.problem(f"{key}.{required}", "missing")
-        destinations[str(name)] = Destination(
-            name=str(name),
+        destinations[str(dest_name)] = Destination(
+            name=str(dest_name),
             ae_title=r.ae_title(item.get("ae_title", "X"), f"{key}.ae_title"),
             host=str(item.get("host", "")),
             port=r.port(item.get("port", 0), f"{key}.port"),

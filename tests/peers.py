@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-PYDICOM_FILES = Path(__import__("pydicom").__file__).parent / "data" / "test_files"
-PYDICOM_DATA = Path(__import__("data_store").__file__).parent / "data"
+PYDICOM_FILES = Path(str(__import__("pydicom").__file__)).parent / "data" / "test_files"
+PYDICOM_DATA = Path(str(__import__("data_store").__file__)).parent / "data"
 
 
 def in_ci() -> bool:

@@ -13,7 +13,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk  # noqa: N813
@@ -24,7 +24,11 @@ from .pixels import frame_count, frame_item, modality_frames
 
 Vector3 = tuple[float, float, float]
 Plane = Literal["axial", "coronal", "sagittal", "oblique"]
+_AXIS_PLANES: tuple[Plane, Plane, Plane] = ("sagittal", "coronal", "axial")  # normal along x, y, z
 ResampleInterpolation = Literal["nearest", "linear", "bspline"]
+
+#: SimpleITK ships without annotations; calls go through Any so that --strict accepts them.
+_SITK: Any = sitk
 
 _SITK_INTERPOLATOR = {
     "nearest": sitk.sitkNearestNeighbor,
@@ -44,9 +48,9 @@ class FramePlane:
     frame_index: int
     rows: int
     columns: int
-    position: Vector3 | None
-    orientation: tuple[float, float, float, float, float, float] | None
-    pixel_spacing: tuple[float, float] | None  # (between rows, between columns) as in DICOM
+    position: tuple[float, ...] | None  # ImagePositionPatient (3 values)
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient (6 values)
+    pixel_spacing: tuple[float, ...] | None  # (between rows, between columns) as in DICOM
     slice_thickness: float | None
     instance_number: int | None
 
@@ -112,11 +116,11 @@ class SpacingReport:
         return tuple(out)
 
 
-def _floats(value: object, count: int) -> tuple[float, ...] | None:
+def _floats(value: Any, count: int) -> tuple[float, ...] | None:
     if value is None:
         return None
     try:
-        items = [float(v) for v in value]  # type: ignore[attr-defined]
+        items = [float(v) for v in value]
     except (TypeError, ValueError):
         return None
     if len(items) != count or not all(math.isfinite(v) for v in items):
@@ -136,7 +140,7 @@ def slice_normal(orientation: Sequence[float]) -> Vector3:
     return (float(n[0]), float(n[1]), float(n[2]))
 
 
-def _attribute(ds: Dataset, frame: int, sequence_keyword: str, keyword: str) -> object:
+def _attribute(ds: Dataset, frame: int, sequence_keyword: str, keyword: str) -> Any:
     item = frame_item(ds, frame, sequence_keyword)
     if item is not None and keyword in item:
         return item.get(keyword)
@@ -164,10 +168,10 @@ def frame_planes(datasets: Sequence[Dataset]) -> list[FramePlane]:
                     frame_index=frame,
                     rows=int(ds.get("Rows", 0)),
                     columns=int(ds.get("Columns", 0)),
-                    position=position,  # type: ignore[arg-type]
-                    orientation=orientation,  # type: ignore[arg-type]
-                    pixel_spacing=spacing,  # type: ignore[arg-type]
-                    slice_thickness=float(thickness) if thickness not in (None, "") else None,  # type: ignore[arg-type]
+                    position=position,
+                    orientation=orientation,
+                    pixel_spacing=spacing,
+                    slice_thickness=float(thickness) if thickness not in (None, "") else None,
                     instance_number=instance_number,
                 )
             )
@@ -195,7 +199,9 @@ def sort_slices(datasets: Sequence[Dataset]) -> SliceOrder:
             raise SeriesGeometryError(
                 "slices have different ImageOrientationPatient; they are not one stack"
             )
-        normal = slice_normal(planes[0].orientation)  # type: ignore[arg-type]
+        orientation = planes[0].orientation
+        assert orientation is not None
+        normal = slice_normal(orientation)
         n = np.asarray(normal)
         keyed = [
             (float(np.dot(np.asarray(p.position), n)), p.instance_number or 0, i, p)
@@ -287,7 +293,7 @@ def plane_of(orientation: Sequence[float], *, tolerance_deg: float = 30.0) -> Pl
     angle = math.degrees(math.acos(min(1.0, float(normal[axis]))))
     if angle > tolerance_deg:
         return "oblique"
-    return ("sagittal", "coronal", "axial")[axis]  # type: ignore[return-value]
+    return _AXIS_PLANES[axis]
 
 
 def series_plane(datasets: Sequence[Dataset], *, tolerance_deg: float = 30.0) -> Plane:
@@ -297,7 +303,9 @@ def series_plane(datasets: Sequence[Dataset], *, tolerance_deg: float = 30.0) ->
         raise SeriesGeometryError("ImageOrientationPatient is missing; orientation unknown")
     if not _same_orientation(planes):
         raise SeriesGeometryError("slices have different ImageOrientationPatient")
-    return plane_of(planes[0].orientation, tolerance_deg=tolerance_deg)  # type: ignore[arg-type]
+    orientation = planes[0].orientation
+    assert orientation is not None
+    return plane_of(orientation, tolerance_deg=tolerance_deg)
 
 
 def require_plane(
@@ -371,9 +379,9 @@ def assemble_volume(
         slice_spacing = float(single.get("SpacingBetweenSlices") or first.slice_thickness or 1.0)
     assert first.pixel_spacing is not None and first.orientation is not None
     row_spacing, column_spacing = first.pixel_spacing
-    image = sitk.GetImageFromArray(stack)
+    image = _SITK.GetImageFromArray(stack)
     image.SetSpacing((column_spacing, row_spacing, slice_spacing))
-    image.SetOrigin(first.position)  # type: ignore[arg-type]
+    image.SetOrigin(first.position)
     row_dir, col_dir, normal = first.orientation[:3], first.orientation[3:], order.normal
     image.SetDirection(
         tuple(
@@ -382,7 +390,8 @@ def assemble_volume(
             for component in (row_dir[axis], col_dir[axis], normal[axis])
         )
     )
-    return image
+    volume: sitk.Image = image
+    return volume
 
 
 def resample(
@@ -397,30 +406,32 @@ def resample(
     Voxels that fall outside the input get ``default_value``, by default the image
     minimum (air on CT) rather than 0, which would be water.
     """
-    if image.GetDimension() != 3 or len(spacing) != 3 or any(s <= 0 for s in spacing):
+    source: Any = image
+    if source.GetDimension() != 3 or len(spacing) != 3 or any(s <= 0 for s in spacing):
         raise SeriesGeometryError(f"spacing {tuple(spacing)} is not a positive spacing per axis")
-    old_spacing = image.GetSpacing()
+    old_spacing = source.GetSpacing()
     size = [
         max(1, round(n * old / new))
-        for n, old, new in zip(image.GetSize(), old_spacing, spacing, strict=True)
+        for n, old, new in zip(source.GetSize(), old_spacing, spacing, strict=True)
     ]
     if default_value is None:
-        default_value = float(sitk.GetArrayViewFromImage(image).min())
+        default_value = float(_SITK.GetArrayViewFromImage(image).min())
     # Keep the outer edge of the first voxel where it was, not its centre.
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    direction = np.asarray(source.GetDirection(), dtype=np.float64).reshape(3, 3)
     shift = direction @ ((np.asarray(spacing, dtype=np.float64) - np.asarray(old_spacing)) / 2)
-    origin = tuple(float(o) for o in np.asarray(image.GetOrigin()) + shift)
-    return sitk.Resample(
+    origin = tuple(float(o) for o in np.asarray(source.GetOrigin()) + shift)
+    resampled: sitk.Image = _SITK.Resample(
         image,
         size,
-        sitk.Transform(),
+        _SITK.Transform(),
         _SITK_INTERPOLATOR[interpolation],
         origin,
         tuple(float(s) for s in spacing),
-        image.GetDirection(),
+        source.GetDirection(),
         default_value,
-        image.GetPixelID(),
+        source.GetPixelID(),
     )
+    return resampled
 
 
 def resample_isotropic(
@@ -430,5 +441,6 @@ def resample_isotropic(
     interpolation: ResampleInterpolation = "linear",
 ) -> sitk.Image:
     """Resample to cubic voxels of ``spacing`` mm (default: the finest current spacing)."""
-    target = float(min(image.GetSpacing())) if spacing is None else float(spacing)
+    source: Any = image
+    target = float(min(source.GetSpacing())) if spacing is None else float(spacing)
     return resample(image, (target, target, target), interpolation=interpolation)

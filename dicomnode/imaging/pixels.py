@@ -52,12 +52,14 @@ def frame_item(ds: Dataset, frame: int, sequence_keyword: str) -> Dataset | None
     if per_frame is not None and frame < len(per_frame):
         item = per_frame[frame].get(sequence_keyword)
         if item:
-            return item[0]  # type: ignore[no-any-return]
+            found: Dataset = item[0]
+            return found
     shared = ds.get("SharedFunctionalGroupsSequence")
     if shared:
         item = shared[0].get(sequence_keyword)
         if item:
-            return item[0]  # type: ignore[no-any-return]
+            shared_item: Dataset = item[0]
+            return shared_item
     return None
 
 

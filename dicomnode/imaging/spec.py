@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields, replace
 from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -257,7 +257,10 @@ def step_from_dict(data: Mapping[str, Any], *, position: int | None = None) -> S
     try:
         return step_type.from_params(params)
     except SpecError as exc:
-        raise SpecError(f"{where}: {exc}" if position is not None else str(exc)) from exc
+        message = str(exc)
+        if position is not None:  # "step 'x': ..." becomes "step 3 'x': ..."
+            message = message.replace("step ", f"step {position} ", 1)
+        raise SpecError(message) from exc
 
 
 def _frames_to_images(ds: Dataset, frames: np.ndarray) -> list[WorkingImage]:
@@ -460,7 +463,11 @@ class RobustMinMax(Step):
 @register_step
 @dataclass(frozen=True)
 class Clahe(Step):
-    """CLAHE on 8-bit codes of display intensities (see `transforms.clahe`)."""
+    """CLAHE on 8-bit codes of display intensities (see `transforms.clahe`).
+
+    Put it after an "area" resize to the model size: the result is then the same whether
+    the radiograph was stored with 8, 12 or 15 bits.
+    """
 
     name: ClassVar[str] = "clahe"
     accepts: ClassVar[frozenset[Stage]] = frozenset({"display"})
@@ -710,6 +717,14 @@ class PreprocessSpec:
             raise SpecError(f"spec is not valid YAML: {exc}") from exc
         return cls.from_dict(data)
 
+    def require_fingerprint(self, expected: str) -> None:
+        """Refuse to serve with a spec other than the one a model card says it was trained with."""
+        if self.fingerprint != expected:
+            raise SpecError(
+                f"preprocessing spec fingerprint {self.fingerprint} does not match the "
+                f"recorded {expected}"
+            )
+
     @property
     def fingerprint(self) -> str:
         """``sha256:<hex>`` of the canonical JSON; equal specs have equal fingerprints."""
@@ -720,20 +735,22 @@ class PreprocessSpec:
 SpecInput = Dataset | Sequence[Dataset] | np.ndarray | Sequence[np.ndarray]
 
 
-def _initial_images(spec: PreprocessSpec, inputs: SpecInput) -> list[WorkingImage]:
+def _source_images(spec: PreprocessSpec, inputs: SpecInput) -> Iterator[WorkingImage]:
+    """Images as the first transform step sees them, produced lazily (one dataset at a time)."""
     if spec.input_kind == "datasets":
-        datasets = [inputs] if isinstance(inputs, Dataset) else list(inputs)  # type: ignore[arg-type]
-        if not datasets or not all(isinstance(ds, Dataset) for ds in datasets):
+        items: list[object] = [inputs] if isinstance(inputs, Dataset | np.ndarray) else list(inputs)
+        datasets = [item for item in items if isinstance(item, Dataset)]
+        if not datasets or len(datasets) != len(items):
             raise SpecError("this spec starts with a source step and needs pydicom datasets")
         source = spec.steps[0]
         assert isinstance(source, SourceStep)
-        images: list[WorkingImage] = []
         for ds in datasets:
             try:
-                images.extend(source.load(ds))
+                loaded = source.load(ds)
             except ImagingError as exc:
                 raise type(exc)(f"step 0 {source.name!r}: {exc}") from exc
-        return images
+            yield from loaded
+        return
     if isinstance(inputs, Dataset) or (
         isinstance(inputs, Sequence) and inputs and isinstance(inputs[0], Dataset)
     ):
@@ -751,9 +768,26 @@ def _initial_images(spec: PreprocessSpec, inputs: SpecInput) -> list[WorkingImag
         arrays = [np.asarray(a) for a in inputs]
     if not arrays:
         raise PixelDataError("no images to preprocess")
-    return [
-        WorkingImage(as_chw(np.asarray(a, dtype=np.float64)).copy(), None, 0, False) for a in arrays
-    ]
+    for array in arrays:
+        yield WorkingImage(as_chw(np.asarray(array, dtype=np.float64)).copy(), None, 0, False)
+
+
+def _run_steps(spec: PreprocessSpec, image: WorkingImage) -> np.ndarray:
+    first = 1 if spec.input_kind == "datasets" else 0
+    for index in range(first, len(spec.steps)):
+        step = spec.steps[index]
+        try:
+            image = step.apply(image)
+        except ImagingError as exc:
+            raise type(exc)(f"step {index} {step.name!r}: {exc}") from exc
+    if image.monochrome1:
+        raise PixelDataError(
+            f"MONOCHROME1 images would leave the spec with inverted polarity; {_DISPLAY_HINT}"
+        )
+    out = image.pixels.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise PixelDataError("preprocessing produced non-finite values")
+    return out
 
 
 def apply_spec(spec: PreprocessSpec, inputs: SpecInput) -> np.ndarray:
@@ -762,29 +796,16 @@ def apply_spec(spec: PreprocessSpec, inputs: SpecInput) -> np.ndarray:
     Datasets contribute one image per frame, in the order given (sort a series first with
     `sort_datasets`). Arrays are (H, W), (N, H, W) or (N, C, H, W), or a list of (H, W) /
     (C, H, W). This is the only entry point training and serving use, so both get the same
-    numbers.
+    numbers. Each image runs through all steps before the next is read, so a long CT series
+    never holds more than one full-size float64 intermediate.
     """
-    images = _initial_images(spec, inputs)
-    first = 1 if spec.input_kind == "datasets" else 0
-    for index in range(first, len(spec.steps)):
-        step = spec.steps[index]
-        try:
-            images = [step.apply(image) for image in images]
-        except ImagingError as exc:
-            raise type(exc)(f"step {index} {step.name!r}: {exc}") from exc
-    if any(image.monochrome1 for image in images):
-        raise PixelDataError(
-            f"MONOCHROME1 images would leave the spec with inverted polarity; {_DISPLAY_HINT}"
-        )
-    shapes = {image.pixels.shape for image in images}
+    outputs = [_run_steps(spec, image) for image in _source_images(spec, inputs)]
+    shapes = {out.shape for out in outputs}
     if len(shapes) > 1:
         raise PixelDataError(
             f"images end with different shapes {sorted(shapes)}; add a resize or pad_or_crop step"
         )
-    tensor = np.stack([image.pixels for image in images]).astype(np.float32)
-    if not np.isfinite(tensor).all():
-        raise PixelDataError("preprocessing produced non-finite values")
-    return tensor
+    return np.stack(outputs)
 
 
 def step_names() -> tuple[str, ...]:

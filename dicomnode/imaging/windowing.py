@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -69,7 +69,8 @@ class Window:
             if self.width == 1.0:
                 return np.where(x > self.center - 0.5, 1.0, 0.0)
             return np.clip((x - (self.center - 0.5)) / (self.width - 1.0) + 0.5, 0.0, 1.0)
-        return np.asarray(1.0 / (1.0 + np.exp(-4.0 * (x - self.center) / self.width)))
+        # 1 / (1 + exp(-4 (x - c) / w)), written with tanh so extreme values cannot overflow.
+        return np.asarray(0.5 * (1.0 + np.tanh(2.0 * (x - self.center) / self.width)))
 
 
 #: Named windows in HU. Values as commonly taught for CT reading.
@@ -114,7 +115,7 @@ def dataset_window(ds: Dataset, frame: int = 0, index: int = 0) -> Window | None
         return Window(
             _pick(source.WindowCenter, index),
             _pick(source.WindowWidth, index),
-            function,  # type: ignore[arg-type]
+            cast(VoiFunction, function),
         )
     except ValueError as exc:
         raise PixelDataError(f"the dataset's window is invalid: {exc}") from exc

@@ -3,25 +3,29 @@
 pydicom tolerates truncation silently (a file cut in the middle of its pixel data reads
 back with shorter pixel data and no warning), so acknowledging on the strength of a
 ``dcmread`` would acknowledge a broken instance. The walker below follows every element
-length to the end of the file without reading values (a 1 GB instance costs a few
-seeks), rejects lengths that run past the end, and bounds nesting depth so a crafted
-file cannot exhaust the stack of whoever reads it later.
+length to the end of the file without reading values (the file is memory-mapped, so a
+1 GB instance touches only the pages holding element headers), rejects lengths that run
+past the end, and bounds nesting depth so a crafted file cannot exhaust the stack of
+whoever reads it later. In the same single pass it keeps the small top-level elements,
+which become the (pixel-free) header the rest of ingest reads.
 """
 
 from __future__ import annotations
 
+import mmap
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 MAX_SEQUENCE_DEPTH = 32
+MAX_HEADER_VALUE = 4096  # top-level values up to this size are kept for the header
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 _EXPLICIT_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
@@ -30,6 +34,7 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
 _SEQ_END = 0xFFFEE0DD
+_PIXEL_DATA = 0x7FE00010
 
 
 class DatasetRejected(Exception):
@@ -50,91 +55,135 @@ class InstanceHeader:
     study_instance_uid: str
     series_instance_uid: str
     transfer_syntax_uid: str
-    dataset: Dataset  # header only, pixel data not loaded
+    dataset: Dataset  # small top-level elements only: no sequences, no pixel data
+
+
+def _is_sequence(tag: int) -> bool:
+    try:
+        return bool(dictionary_VR(tag) == "SQ")
+    except KeyError:
+        return False
 
 
 class _Walker:
-    def __init__(self, fp: BinaryIO, size: int, implicit: bool, little: bool) -> None:
-        self.fp = fp
-        self.size = size
+    def __init__(self, buf: mmap.mmap | bytes, start: int, implicit: bool, little: bool,
+                 keep: bool = True) -> None:
+        self.buf = buf
+        self.pos = start
+        self.size = len(buf)
         self.implicit = implicit
-        self.endian = "<" if little else ">"
+        self.little = little
+        self.u16 = struct.Struct("<H" if little else ">H")
+        self.u32 = struct.Struct("<L" if little else ">L")
+        self.tag_s = struct.Struct("<HH" if little else ">HH")
         self.pixel_length: int | None = None
+        self.keep = keep
+        self.elements: dict[int, RawDataElement] = {}
 
-    def _read(self, n: int) -> bytes:
-        data = self.fp.read(n)
-        if len(data) != n:
+    def _need(self, n: int) -> None:
+        if self.pos + n > self.size:
             raise DatasetRejected("dataset truncated inside an element header")
-        return data
 
     def _tag(self) -> int:
-        group, elem = struct.unpack(self.endian + "HH", self._read(4))
+        self._need(4)
+        group, elem = self.tag_s.unpack_from(self.buf, self.pos)
+        self.pos += 4
         return int(group << 16 | elem)
 
+    def _u32(self) -> int:
+        self._need(4)
+        (value,) = self.u32.unpack_from(self.buf, self.pos)
+        self.pos += 4
+        return int(value)
+
     def _skip(self, length: int) -> None:
-        pos = self.fp.tell()
-        if pos + length > self.size:
-            raise DatasetRejected(
-                f"element length {length} runs past the end of the data ({self.size - pos} left)")
-        self.fp.seek(pos + length)
-
-    def walk_dataset(self, end: int | None, depth: int) -> None:
-        """Walk elements until ``end`` (byte offset), an item delimiter (end None), or EOF."""
-        while True:
-            pos = self.fp.tell()
-            if end is not None and pos >= end:
-                if pos > end:
-                    raise DatasetRejected("an element runs past the end of its item")
-                return
-            if end is None and depth == 0 and pos == self.size:
-                return
-            tag = self._tag()
-            if tag == _ITEM_END:
-                self._read(4)
-                if depth == 0 or end is not None:
-                    raise DatasetRejected("unexpected item delimiter")
-                return
-            vr, length = self._vr_length(tag)
-            if tag == _SEQ_END or tag == _ITEM:
-                raise DatasetRejected("unexpected sequence delimiter or item")
-            if length == _UNDEFINED:
-                if tag == 0x7FE00010:
-                    self._walk_fragments()
-                elif vr == b"UN":
-                    # PS3.5 6.2.2: an undefined-length UN is a sequence in implicit VR LE
-                    saved = (self.implicit, self.endian)
-                    self.implicit, self.endian = True, "<"
-                    self._walk_sequence(None, depth + 1)
-                    self.implicit, self.endian = saved
-                else:
-                    self._walk_sequence(None, depth + 1)
-            elif vr == b"SQ" or (self.implicit and self._is_sequence(tag) and length > 0):
-                self._walk_sequence(self.fp.tell() + length, depth + 1)
-            else:
-                if tag == 0x7FE00010 and depth == 0:
-                    self.pixel_length = length
-                self._skip(length)
-
-    @staticmethod
-    def _is_sequence(tag: int) -> bool:
-        from pydicom.datadict import dictionary_VR
-
-        try:
-            return bool(dictionary_VR(tag) == "SQ")
-        except KeyError:
-            return False
+        if self.pos + length > self.size:
+            raise DatasetRejected(f"element length {length} runs past the end of the data "
+                                  f"({self.size - self.pos} left)")
+        self.pos += length
 
     def _vr_length(self, tag: int) -> tuple[bytes, int]:
         if self.implicit or tag >> 16 == 0xFFFE:
-            (length,) = struct.unpack(self.endian + "L", self._read(4))
-            return b"", int(length)
-        vr = self._read(2)
+            return b"", self._u32()
+        self._need(4)
+        vr = bytes(self.buf[self.pos:self.pos + 2])
         if vr in _EXPLICIT_LONG_VRS:
-            self._read(2)
-            (length,) = struct.unpack(self.endian + "L", self._read(4))
-        else:
-            (length,) = struct.unpack(self.endian + "H", self._read(2))
+            self.pos += 4
+            return vr, self._u32()
+        (length,) = self.u16.unpack_from(self.buf, self.pos + 2)
+        self.pos += 4
         return vr, int(length)
+
+    def walk_dataset(self, end: int | None, depth: int) -> None:
+        """Walk elements until ``end`` (byte offset), an item delimiter (end None), or EOF.
+
+        The common case (a short explicit-VR element) is inlined: this loop runs for
+        every element of every received instance.
+        """
+        buf, size = self.buf, self.size
+        limit = size if end is None else end
+        while True:
+            pos = self.pos
+            if pos >= limit:
+                if pos > limit:
+                    raise DatasetRejected("an element runs past the end of its item")
+                if end is None and depth > 0:
+                    raise DatasetRejected("dataset truncated inside an item")
+                return
+            if pos + 8 > size:
+                raise DatasetRejected("dataset truncated inside an element header")
+            group, elem = self.tag_s.unpack_from(buf, pos)
+            tag = group << 16 | elem
+            if group == 0xFFFE:
+                self.pos = pos + 4
+                if tag == _ITEM_END:
+                    self._u32()
+                    if depth == 0 or end is not None:
+                        raise DatasetRejected("unexpected item delimiter")
+                    return
+                raise DatasetRejected("unexpected sequence delimiter or item")
+            if self.implicit:
+                vr = b""
+                (length,) = self.u32.unpack_from(buf, pos + 4)
+                self.pos = pos + 8
+            else:
+                vr = bytes(buf[pos + 4:pos + 6])
+                if vr in _EXPLICIT_LONG_VRS:
+                    if pos + 12 > size:
+                        raise DatasetRejected("dataset truncated inside an element header")
+                    (length,) = self.u32.unpack_from(buf, pos + 8)
+                    self.pos = pos + 12
+                else:
+                    (length,) = self.u16.unpack_from(buf, pos + 6)
+                    self.pos = pos + 8
+            if length == _UNDEFINED:
+                if tag == _PIXEL_DATA:
+                    self._walk_fragments()
+                elif vr == b"UN":
+                    # PS3.5 6.2.2: an undefined-length UN is a sequence in implicit VR LE
+                    saved = (self.implicit, self.u16, self.u32, self.tag_s)
+                    self.implicit, self.u32 = True, struct.Struct("<L")
+                    self.u16, self.tag_s = struct.Struct("<H"), struct.Struct("<HH")
+                    self._walk_sequence(None, depth + 1)
+                    self.implicit, self.u16, self.u32, self.tag_s = saved
+                else:
+                    self._walk_sequence(None, depth + 1)
+            elif vr == b"SQ" or (self.implicit and length > 0 and _is_sequence(tag)):
+                self._walk_sequence(self.pos + length, depth + 1)
+            else:
+                value_at = self.pos
+                if value_at + length > size:
+                    raise DatasetRejected(f"element length {length} runs past the end of the "
+                                          f"data ({size - value_at} left)")
+                self.pos = value_at + length
+                if depth == 0:
+                    if tag == _PIXEL_DATA:
+                        self.pixel_length = length
+                    elif self.keep and length <= MAX_HEADER_VALUE:
+                        self.elements[tag] = RawDataElement(
+                            Tag(tag), vr.decode("ascii", "replace") if vr else None, length,
+                            bytes(buf[value_at:value_at + length]), value_at,
+                            self.implicit, self.little)
 
     def _walk_sequence(self, end: int | None, depth: int) -> None:
         if depth > MAX_SEQUENCE_DEPTH:
@@ -142,10 +191,10 @@ class _Walker:
         if end is not None and end > self.size:
             raise DatasetRejected("sequence length runs past the end of the data")
         while True:
-            if end is not None and self.fp.tell() >= end:
+            if end is not None and self.pos >= end:
                 return
             tag = self._tag()
-            (length,) = struct.unpack(self.endian + "L", self._read(4))
+            length = self._u32()
             if tag == _SEQ_END:
                 if end is not None:
                     raise DatasetRejected("sequence delimiter in a defined-length sequence")
@@ -155,7 +204,7 @@ class _Walker:
             if length == _UNDEFINED:
                 self.walk_dataset(None, depth)
             else:
-                item_end = self.fp.tell() + int(length)
+                item_end = self.pos + length
                 if item_end > self.size:
                     raise DatasetRejected("item length runs past the end of the data")
                 self.walk_dataset(item_end, depth)
@@ -163,16 +212,16 @@ class _Walker:
     def _walk_fragments(self) -> None:
         while True:
             tag = self._tag()
-            (length,) = struct.unpack(self.endian + "L", self._read(4))
+            length = self._u32()
             if tag == _SEQ_END:
                 return
             if tag != _ITEM or length == _UNDEFINED:
                 raise DatasetRejected("malformed encapsulated pixel data")
-            self._skip(int(length))
+            self._skip(length)
 
 
 def _check_uid(value: object, name: str) -> str:
-    text = str(value or "").strip()
+    text = str(value or "").strip().rstrip("\0")
     if not text or len(text) > 64 or not UID_RE.match(text):
         raise DatasetRejected(f"{name} missing or not a valid UID", kind="invalid_uid")
     return text
@@ -184,9 +233,30 @@ def _expected_native_bytes(ds: Dataset) -> int | None:
         bits = int(ds.BitsAllocated)
         spp = int(ds.get("SamplesPerPixel", 1) or 1)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError, KeyError):
         return None
     return (rows * cols * spp * frames * bits + 7) // 8
+
+
+def _meta(buf: mmap.mmap | bytes) -> tuple[str, int]:
+    """Transfer syntax and the offset where the dataset starts (after group 2)."""
+    if len(buf) < 132 or bytes(buf[128:132]) != b"DICM":
+        raise DatasetRejected("not a DICOM file (no preamble and DICM prefix)")
+    walker = _Walker(buf, 132, implicit=False, little=True)
+    ts_value = ""
+    while walker.pos + 2 <= len(buf) and walker.u16.unpack_from(buf, walker.pos)[0] == 0x0002:
+        tag = walker._tag()
+        _, length = walker._vr_length(tag)
+        if length == _UNDEFINED:
+            raise DatasetRejected("undefined length in the file meta information")
+        value_at = walker.pos
+        walker._skip(length)
+        if tag == 0x00020010:
+            ts_value = bytes(buf[value_at:value_at + length]).decode("ascii", "replace")
+            ts_value = ts_value.strip(" \0")
+    if not ts_value:
+        raise DatasetRejected("no transfer syntax in the file meta information")
+    return ts_value, walker.pos
 
 
 def read_instance(path: Path, *, affected_sop_class: str | None = None,
@@ -196,50 +266,50 @@ def read_instance(path: Path, *, affected_sop_class: str | None = None,
     Raises DatasetRejected with ``kind`` one of cannot_understand, invalid_uid,
     uid_mismatch, class_mismatch.
     """
-    size = path.stat().st_size
-    try:
-        ds = dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, struct.error,
-            NotImplementedError, RecursionError) as exc:
-        raise DatasetRejected(f"not a readable DICOM dataset ({type(exc).__name__})") from exc
-    meta = ds.file_meta
-    ts = str(meta.get("TransferSyntaxUID", "") or "")
-    if not ts:
-        raise DatasetRejected("no transfer syntax in the file meta information")
-    tsu = UID(ts)
-    if tsu.is_deflated:
-        raise DatasetRejected("deflated transfer syntax is not accepted")
     with path.open("rb") as fp:
-        fp.seek(128 + 4)
-        # group 2 is always explicit little endian; skip it using its group length
-        meta_walker = _Walker(fp, size, implicit=False, little=True)
-        while True:
-            pos = fp.tell()
-            head = fp.read(2)
-            fp.seek(pos)
-            if len(head) < 2 or struct.unpack("<H", head)[0] != 0x0002:
-                break
-            tag = meta_walker._tag()
-            _, length = meta_walker._vr_length(tag)
-            meta_walker._skip(length)
-        walker = _Walker(fp, size, implicit=tsu.is_implicit_VR, little=tsu.is_little_endian)
-        walker.walk_dataset(None, 0)
-        pixel_len = walker.pixel_length
-
-    sop_class = _check_uid(ds.get("SOPClassUID"), "SOPClassUID")
-    sop_instance = _check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-    study = _check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-    series = _check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        size = path.stat().st_size
+        if size == 0:
+            raise DatasetRejected("empty file")
+        with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            ts, start = _meta(buf)
+            tsu = UID(ts)
+            if not UID_RE.match(ts):
+                raise DatasetRejected("transfer syntax is not a valid UID")
+            if tsu.is_deflated:
+                raise DatasetRejected("deflated transfer syntax is not accepted")
+            walker = _Walker(buf, start, implicit=tsu.is_implicit_VR,
+                             little=tsu.is_little_endian)
+            walker.walk_dataset(None, 0)
+    ds = Dataset({Tag(k): v for k, v in walker.elements.items()})
+    ds.set_original_encoding(tsu.is_implicit_VR, tsu.is_little_endian,
+                             _charset(ds))
+    try:
+        sop_class = _check_uid(ds.get("SOPClassUID"), "SOPClassUID")
+        sop_instance = _check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        study = _check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+        series = _check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DatasetRejected(f"identifying attributes cannot be decoded ({exc})") from exc
     if affected_sop_instance is not None and sop_instance != str(affected_sop_instance).strip():
         raise DatasetRejected("SOPInstanceUID differs from the command's Affected SOP Instance UID",
                               kind="uid_mismatch")
     if affected_sop_class is not None and sop_class != str(affected_sop_class).strip():
         raise DatasetRejected("SOPClassUID differs from the command's Affected SOP Class UID",
                               kind="class_mismatch")
-    if not tsu.is_compressed and "Rows" in ds:
+    if not tsu.is_compressed and walker.pixel_length is not None:
         expected = _expected_native_bytes(ds)
-        if expected is not None and pixel_len is not None and pixel_len < expected:
+        if expected is not None and walker.pixel_length < expected:
             raise DatasetRejected(
-                f"pixel data holds {pixel_len} bytes but Rows/Columns/Frames/Bits declare "
-                f"{expected}")
+                f"pixel data holds {walker.pixel_length} bytes but Rows/Columns/Frames/Bits "
+                f"declare {expected}")
     return InstanceHeader(sop_class, sop_instance, study, series, ts, ds)
+
+
+def _charset(ds: Dataset) -> str | list[str] | None:
+    try:
+        value = ds.get("SpecificCharacterSet")
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not value:
+        return None
+    return [str(v) for v in value] if not isinstance(value, str) else value

@@ -13,6 +13,7 @@ durable bytes. No name is ever derived from a peer-supplied string.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -98,10 +99,8 @@ class SpoolTempFile:
     def _truncate(self) -> None:
         """Give the space back at once: a full disk must not stay full because of us."""
         if self._fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
-            except OSError:
-                pass
 
     def fsync(self) -> None:
         if self._fd is None:
@@ -123,10 +122,8 @@ class SpoolTempFile:
 
     def discard(self) -> None:
         self.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 class Spool:

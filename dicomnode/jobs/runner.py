@@ -136,7 +136,8 @@ class JobRunner:
                 self._run(job, worker)
             except Exception:
                 log.exception("job %d: unexpected error in the runner", job.id)
-                self.ledger.fail_job(job.id, "runner error", max_attempts=self.settings.jobs.max_attempts)
+                self.ledger.fail_job(job.id, "runner error",
+                                     max_attempts=self.settings.jobs.max_attempts)
             finally:
                 self._running.pop(slot, None)
             if self.on_finished is not None:

@@ -8,6 +8,7 @@ exactly as it came over the wire.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import sqlite3
@@ -73,7 +74,8 @@ def configure_pynetdicom() -> None:
         cfg.LOG_RESPONSE_IDENTIFIERS = False
         cfg.LOG_HANDLER_LEVEL = "none"
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-        original = pynetdicom.dimse_messages.NamedTemporaryFile
+        messages: Any = pynetdicom.dimse_messages
+        original = messages.NamedTemporaryFile
 
         def spool_temp_file(*args: Any, **kwargs: Any) -> Any:
             # Runs on the association's DUL thread, whose .assoc is the Association.
@@ -84,17 +86,15 @@ def configure_pynetdicom() -> None:
                 return spool.new_temp()
             return original(*args, **kwargs)
 
-        pynetdicom.dimse_messages.NamedTemporaryFile = spool_temp_file
+        messages.NamedTemporaryFile = spool_temp_file
         _installed = True
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
     """Nagle + delayed ACK costs ~40 ms per small DIMSE message; turn it off."""
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 def _assoc_socket(assoc: Any) -> socket.socket | None:
@@ -122,6 +122,7 @@ class StoreSCP:
         ae.dimse_timeout = node.network_timeout_s
         ae.require_called_aet = True
         for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:3])
         self.ae = ae
@@ -134,7 +135,7 @@ class StoreSCP:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -160,7 +161,7 @@ class StoreSCP:
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        rq = assoc.requestor.primitive
+        rq: Any = assoc.requestor.primitive
         called = str(rq.called_ae_title).strip()
         calling = str(rq.calling_ae_title).strip()
         address = str(assoc.requestor.address)
@@ -185,7 +186,7 @@ class StoreSCP:
     # -- storage -----------------------------------------------------------------------
 
     def handle_store(self, event: evt.Event) -> int | Dataset:
-        req = event.request
+        req: Any = event.request
         temp = getattr(req, "_dataset_file", None)
         calling = str(event.assoc.requestor.ae_title).strip()
         if not isinstance(temp, SpoolTempFile):
@@ -200,17 +201,12 @@ class StoreSCP:
             log.error("store failed while writing: %s", err)
             return int(Status.PROCESSING_FAILURE)
         try:
-            temp.fsync()
             header = read_instance(temp.path, affected_sop_class=req.AffectedSOPClassUID,
                                    affected_sop_instance=req.AffectedSOPInstanceUID)
         except DatasetRejected as rej:
             temp.discard()
             log.warning("store from %s rejected: %s", calling, rej.reason)
             return int(REJECTION_STATUS.get(rej.kind, Status.CANNOT_UNDERSTAND))
-        except SpoolFull as exc:
-            temp.discard()
-            log.error("store refused, disk full: %s", exc)
-            return int(Status.OUT_OF_RESOURCES)
         try:
             stored = self.spool.commit(temp)
         except SpoolFull as exc:

@@ -102,7 +102,7 @@ class StoreClient:
                 if UID(ts).is_compressed:
                     ae.add_requested_context(sop_class, [ts])
             if any(not UID(ts).is_compressed for ts in syntaxes):
-                ae.add_requested_context(sop_class, _UNCOMPRESSED + ["1.2.840.10008.1.2.2"])
+                ae.add_requested_context(sop_class, [*_UNCOMPRESSED, "1.2.840.10008.1.2.2"])
         if len(ae.requested_contexts) > 128:
             raise ValueError("too many SOP class/transfer syntax combinations for one "
                              "association; send fewer files at a time")

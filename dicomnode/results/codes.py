@@ -96,7 +96,9 @@ BILATERAL: Final = Code("51440002", "SCT", "Bilateral")
 # --- Anatomy -----------------------------------------------------------------------------
 
 BRAIN: Final = Code("12738006", "SCT", "Brain")
+CORPUS_STRIATUM: Final = Code("31428008", "SCT", "Corpus striatum")
 PUTAMEN: Final = Code("89278009", "SCT", "Putamen")
 CAUDATE_NUCLEUS: Final = Code("11000004", "SCT", "Caudate Nucleus")
+OCCIPITAL_LOBE: Final = Code("31065004", "SCT", "Occipital lobe")
 LUNG: Final = Code("39607008", "SCT", "Lung")
 CHEST: Final = Code("816094009", "SCT", "Chest")

@@ -1,20 +1,23 @@
 """What every result object shares: who made it, where it goes, and how it is labelled.
 
 Results go into the study they were computed from, so PACS viewers show them beside the
-source images; their UIDs depend only on the inputs and the algorithm version, so that
-re-sending a re-run replaces the earlier object instead of duplicating it.
+source images. Their UIDs come from the caller (``PipelineInput.result_uid``, built on
+``uids.derive_uid``), so re-sending a re-run replaces the earlier object instead of
+duplicating it; UIDs made inside a result (tracking, device observer, the instances of
+a multi-image series) are derived from those and from the inputs the same way.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
 from dicomnode import __version__
-from dicomnode.results.uids import derive_uid
 
 MANUFACTURER = "dicomnode"
 """General Equipment Manufacturer of every object the node creates."""
@@ -59,40 +62,6 @@ class AlgorithmInfo:
         return f"{self.name} {self.version}"
 
 
-@dataclass(frozen=True)
-class ResultUids:
-    """The UIDs of one result object."""
-
-    series_instance_uid: str
-    sop_instance_uid: str
-
-
-def derive_result_uids(
-    study_instance_uid: str,
-    source_sop_instance_uids: Iterable[str],
-    algorithm: AlgorithmInfo,
-    kind: str,
-    index: int = 1,
-) -> ResultUids:
-    """UIDs for the ``index``-th object of ``kind`` (e.g. "sr", "sc") of one run.
-
-    The algorithm version is part of the key, so a new version's results sit beside the
-    old ones instead of silently replacing them; the model sha256 is not, so re-packing
-    the same version does not create duplicates. SR and SC objects need different
-    ``kind`` values: they belong in different series because their Modality differs.
-    """
-    sources = sorted(set(source_sop_instance_uids))
-    if not sources:
-        raise ValueError("a result needs at least one source instance")
-    series = derive_uid(
-        "series", study_instance_uid, sources, algorithm.name, algorithm.version, kind
-    )
-    return ResultUids(
-        series_instance_uid=series,
-        sop_instance_uid=derive_uid("instance", series, index),
-    )
-
-
 def check_series_description(description: str) -> str:
     """Reject descriptions that would not mark the series as AI output in a PACS list."""
     if not description.startswith(SERIES_DESCRIPTION_PREFIX) or not description[3:].strip():
@@ -122,3 +91,17 @@ def reference_dataset(sources: Sequence[Dataset]) -> Dataset:
 def software_versions(algorithm: AlgorithmInfo) -> tuple[str, str]:
     """SoftwareVersions values: the node and the algorithm, each within LO's 64 characters."""
     return (f"dicomnode {__version__}", algorithm.label[:64])
+
+
+@contextmanager
+def no_person_name_warnings() -> Iterator[None]:
+    """Silence highdicom's person-name check while copying names from the sources.
+
+    Its warning quotes the name (e.g. an anonymised "ANONYMOUS"), which would put a
+    patient identifier into the logs; the names are copied as they are either way.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"The string .* person name", category=UserWarning
+        )
+        yield

@@ -26,6 +26,7 @@ from dicomnode.results.common import (
     SC_CAPTION,
     AlgorithmInfo,
     check_series_description,
+    no_person_name_warnings,
     reference_dataset,
     software_versions,
 )
@@ -57,6 +58,28 @@ _DISPLAY_TRANSFORM_KEYWORDS: Final = (
     "VOILUTSequence",
     "PresentationLUTShape",
 )
+# Body Part Examined terms dciodvfy knows as unpaired (no Laterality needed).
+_UNPAIRED_BODY_PARTS: Final = frozenset(
+    {
+        "ABDOMEN",
+        "ABDOMENPELVIS",
+        "BRAIN",
+        "CHEST",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "CSPINE",
+        "HEAD",
+        "HEADNECK",
+        "HEART",
+        "LIVER",
+        "LSPINE",
+        "NECK",
+        "PELVIS",
+        "SKULL",
+        "TSPINE",
+        "WHOLEBODY",
+    }
+)
 _FONT: Final = cv2.FONT_HERSHEY_SIMPLEX
 _PALETTE: Final[tuple[Colour, ...]] = (
     (255, 64, 64),
@@ -77,9 +100,7 @@ class CaptionedImage:
     caption_lines: tuple[str, ...] = ()
 
 
-def window_to_uint8(
-    image: npt.NDArray[Any], window: tuple[float, float] | None = None
-) -> RGBImage:
+def window_to_uint8(image: npt.NDArray[Any], window: tuple[float, float] | None = None) -> RGBImage:
     """Map values to 0..255 with a (center, width) window, or by the 1st and 99th
     percentiles when none is given, so outliers do not wash out the anatomy."""
     values = np.asarray(image, dtype=np.float64)
@@ -87,7 +108,7 @@ def window_to_uint8(
         raise ValueError("expected a 2-D grayscale image")
     if window is None:
         finite = values[np.isfinite(values)]
-        low, high = (np.percentile(finite, (1.0, 99.0)) if finite.size else (0.0, 1.0))
+        low, high = np.percentile(finite, (1.0, 99.0)) if finite.size else (0.0, 1.0)
     else:
         center, width = window
         if width <= 0:
@@ -118,11 +139,14 @@ def overlay_heatmap(
     if heat_values.ndim != 2:
         raise ValueError("expected a 2-D heat map")
     if heat_values.shape != base.shape:
-        heat_values = cv2.resize(
+        resized = cv2.resize(
             heat_values, (base.shape[1], base.shape[0]), interpolation=cv2.INTER_LINEAR
         )
+        heat_values = np.asarray(resized, dtype=np.float32)
     heat_values = np.clip(np.nan_to_num(heat_values, nan=0.0), 0.0, 1.0)
-    coloured = cv2.applyColorMap(np.round(heat_values * 255.0).astype(np.uint8), _COLORMAPS[colormap])
+    coloured = cv2.applyColorMap(
+        np.round(heat_values * 255.0).astype(np.uint8), _COLORMAPS[colormap]
+    )
     coloured = cv2.cvtColor(coloured, cv2.COLOR_BGR2RGB).astype(np.float32)
     weight = (alpha * heat_values)[..., np.newaxis]
     grey_rgb = np.repeat(base[..., np.newaxis], 3, axis=2).astype(np.float32)
@@ -155,7 +179,7 @@ def draw_regions(
         contours, _ = cv2.findContours(
             region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
         )
-        cv2.drawContours(out, contours, -1, colour, thickness, cv2.LINE_AA)
+        cv2.drawContours(out, contours, -1, colour, thickness, cv2.LINE_8)
         text = _ascii((labels or {}).get(name, name))
         rows, cols = np.nonzero(region)
         (_, text_height), baseline = cv2.getTextSize(text, _FONT, scale, thickness)
@@ -183,7 +207,7 @@ def burn_caption(rgb: RGBImage, lines: Sequence[str]) -> RGBImage:
     margin = max(4, width // 64)
     thickness = max(1, width // 600)
     reference_width = cv2.getTextSize(SC_CAPTION, _FONT, 1.0, thickness)[0][0]
-    scale = min(1.6, (width - 2 * margin) / reference_width)
+    scale = min(1.6, 0.95 * (width - 2 * margin) / reference_width)
     wrapped = [part for text in texts for part in _wrap(text, scale, thickness, width - 2 * margin)]
     (_, text_height), baseline = cv2.getTextSize("Ag", _FONT, scale, thickness)
     line_height = text_height + baseline + max(2, text_height // 2)
@@ -206,6 +230,7 @@ def build_secondary_capture(
     instance_number: int = 1,
     caption_lines: Sequence[str] = (),
     patient_orientation: tuple[str, str] | None = None,
+    laterality: str | None = None,
     min_width: int = 512,
 ) -> Dataset:
     """Build one RGB Secondary Capture in the sources' study, caption burned in.
@@ -215,6 +240,8 @@ def build_secondary_capture(
     enlarged (nearest neighbour) so the caption stays legible. The first caption line is
     always the AI / not-for-diagnostic-use warning. ``patient_orientation`` is left
     empty unless given, since a rendered picture may be cropped or rotated.
+    ``laterality`` (Image Laterality: R, L, B or U) is needed for a paired body part
+    when the source does not say it.
 
     Example::
 
@@ -234,43 +261,45 @@ def build_secondary_capture(
     if max(image.shape[:2]) > 65535:
         raise ValueError("image is too large for a Secondary Capture")
 
-    sc = hd.sc.SCImage(
-        pixel_array=image,
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        study_instance_uid=str(reference.StudyInstanceUID),
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number,
-        manufacturer=MANUFACTURER,
-        patient_id=reference.get("PatientID"),
-        patient_name=reference.get("PatientName"),
-        patient_birth_date=reference.get("PatientBirthDate"),
-        patient_sex=reference.get("PatientSex"),
-        accession_number=reference.get("AccessionNumber"),
-        study_id=reference.get("StudyID"),
-        study_date=reference.get("StudyDate"),
-        study_time=reference.get("StudyTime"),
-        referring_physician_name=reference.get("ReferringPhysicianName"),
-        patient_orientation=patient_orientation or ("L", "P"),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=series_description,
-        manufacturer_model_name=algorithm.name,
-        content_qualification="RESEARCH",
-        specific_character_set=reference.get("SpecificCharacterSet"),
-    )
-    sc.copy_patient_and_study_information(reference)
+    with no_person_name_warnings():
+        sc = hd.sc.SCImage(
+            pixel_array=image,
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            study_instance_uid=str(reference.StudyInstanceUID),
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=instance_number,
+            manufacturer=MANUFACTURER,
+            patient_id=reference.get("PatientID"),
+            patient_name=reference.get("PatientName"),
+            patient_birth_date=reference.get("PatientBirthDate"),
+            patient_sex=reference.get("PatientSex"),
+            accession_number=reference.get("AccessionNumber"),
+            study_id=reference.get("StudyID"),
+            study_date=reference.get("StudyDate"),
+            study_time=reference.get("StudyTime"),
+            referring_physician_name=reference.get("ReferringPhysicianName"),
+            patient_orientation=patient_orientation or ("L", "P"),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            series_description=series_description,
+            manufacturer_model_name=algorithm.name,
+            content_qualification="RESEARCH",
+            specific_character_set=reference.get("SpecificCharacterSet"),
+        )
+        sc.copy_patient_and_study_information(reference)
     if patient_orientation is None:
-        sc.PatientOrientation = None
-    sc.SoftwareVersions = list(software_versions(algorithm))
+        sc["PatientOrientation"].value = None
+    sc.add_new("SoftwareVersions", "LO", list(software_versions(algorithm)))
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
     sc.LossyImageCompression = "00"
     sc.DerivationDescription = f"{SC_CAPTION}. Rendered by {algorithm.label}."[:1024]
     sc.ImageComments = f"{SC_CAPTION} ({algorithm.label})"
     sc.SourceImageSequence = [_reference(ds) for ds in sources]
+    _set_laterality(sc, reference, laterality)
     for keyword in _DISPLAY_TRANSFORM_KEYWORDS:
         if keyword in sc:
             delattr(sc, keyword)
@@ -289,8 +318,8 @@ def build_secondary_captures(
 ) -> list[Dataset]:
     """One SC series of several pictures, numbered 1..n in the given order.
 
-    SOP Instance UIDs are derived from the series UID and the position, the same way
-    ``derive_result_uids(..., index=n)`` does, so a re-run replaces each picture.
+    Each SOP Instance UID is derived from the series UID and the position, so a re-run
+    with the same series UID replaces each picture instead of adding copies.
     """
     if not images:
         raise ValueError("an SC series needs at least one image")
@@ -327,9 +356,10 @@ def _enlarge(image: RGBImage, min_width: int) -> RGBImage:
     if width >= min_width:
         return image
     factor = math.ceil(min_width / width)
-    return cv2.resize(
+    resized = cv2.resize(
         image, (width * factor, image.shape[0] * factor), interpolation=cv2.INTER_NEAREST
     )
+    return np.asarray(resized, dtype=np.uint8)
 
 
 def _ascii(text: str) -> str:
@@ -349,6 +379,28 @@ def _wrap(text: str, scale: float, thickness: int, max_width: int) -> list[str]:
     if current:
         lines.append(current)
     return lines
+
+
+def _set_laterality(sc: Dataset, reference: Dataset, laterality: str | None) -> None:
+    """Carry over the body part and its side, as the General Series rules need them.
+
+    Laterality must be present for a paired (or unrecognised) body part unless Image
+    Laterality says the side; when nothing tells the side it is left empty, which DICOM
+    reserves for "unknown" (dciodvfy warns about it; guessing a side would be worse).
+    """
+    if laterality is not None:
+        if laterality not in ("R", "L", "B", "U"):
+            raise ValueError("laterality must be one of R, L, B, U")
+        sc.ImageLaterality = laterality
+    elif reference.get("ImageLaterality"):
+        sc.ImageLaterality = reference.ImageLaterality
+    body_part = str(reference.get("BodyPartExamined") or "")
+    if body_part:
+        sc.BodyPartExamined = body_part
+    if reference.get("Laterality") in ("R", "L"):
+        sc.Laterality = reference.Laterality
+    elif "ImageLaterality" not in sc and body_part.upper() not in _UNPAIRED_BODY_PARTS:
+        sc.Laterality = None
 
 
 def _reference(ds: Dataset) -> Dataset:

@@ -25,14 +25,15 @@ import datetime
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as _dicom_codes
 from pydicom.sr.coding import Code
+from pydicom.uid import Comprehensive3DSRStorage
 
 from dicomnode.results import codes
 from dicomnode.results.common import (
@@ -40,6 +41,7 @@ from dicomnode.results.common import (
     RESEARCH_USE_STATEMENT,
     AlgorithmInfo,
     check_series_description,
+    no_person_name_warnings,
     reference_dataset,
     software_versions,
 )
@@ -54,6 +56,7 @@ __all__ = [
     "NotAnalysed",
     "OperatingPoint",
     "Outcome",
+    "Predecessor",
     "ReportContents",
     "TextNote",
     "build_measurement_report",
@@ -103,9 +106,7 @@ def probability(
     """
     if not 0.0 <= value <= 1.0:
         raise ValueError("a probability must lie between 0 and 1")
-    return MeasurementValue(
-        concept, _percent(value), codes.UCUM_PERCENT, finding_site, laterality
-    )
+    return MeasurementValue(concept, _percent(value), codes.UCUM_PERCENT, finding_site, laterality)
 
 
 @dataclass(frozen=True)
@@ -147,14 +148,20 @@ class OperatingPoint:
         return ", ".join(parts) + " (model card, held-out data)"
 
     def measurements(self) -> tuple[MeasurementValue, ...]:
-        values = [MeasurementValue(codes.THRESHOLD_VALUE, _percent(self.threshold), codes.UCUM_PERCENT)]
+        values = [
+            MeasurementValue(codes.THRESHOLD_VALUE, _percent(self.threshold), codes.UCUM_PERCENT)
+        ]
         if self.sensitivity is not None:
             values.append(
-                MeasurementValue(codes.CASE_SENSITIVITY, _percent(self.sensitivity), codes.UCUM_PERCENT)
+                MeasurementValue(
+                    codes.CASE_SENSITIVITY, _percent(self.sensitivity), codes.UCUM_PERCENT
+                )
             )
         if self.specificity is not None:
             values.append(
-                MeasurementValue(codes.CASE_SPECIFICITY, _percent(self.specificity), codes.UCUM_PERCENT)
+                MeasurementValue(
+                    codes.CASE_SPECIFICITY, _percent(self.specificity), codes.UCUM_PERCENT
+                )
             )
         return tuple(values)
 
@@ -228,6 +235,16 @@ Outcome = Analysed | NotAnalysed
 
 
 @dataclass(frozen=True)
+class Predecessor:
+    """An earlier report in the same study that this one supersedes (e.g. the report
+    on a series before it was re-opened), listed in the Predecessor Documents Sequence."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str = Comprehensive3DSRStorage
+
+
+@dataclass(frozen=True)
 class ReportContents:
     """A report read back: what ``build_measurement_report`` was given."""
 
@@ -235,7 +252,7 @@ class ReportContents:
     outcome: Outcome
     notes: tuple[TextNote, ...] = ()
     research_use_statement: str | None = None
-    source_sop_instance_uids: tuple[str, ...] = field(default=())
+    source_sop_instance_uids: tuple[str, ...] = ()
 
 
 def build_measurement_report(
@@ -250,15 +267,18 @@ def build_measurement_report(
     instance_number: int = 1,
     procedure_reported: Code = codes.IMAGING_PROCEDURE,
     notes: Sequence[TextNote] = (),
+    predecessors: Sequence[Predecessor] = (),
     content_datetime: datetime.datetime | None = None,
 ) -> Dataset:
     """Build the TID 1500 Comprehensive 3D SR for one run, in the sources' study.
 
     ``sources`` are the instances the algorithm used (header-only datasets suffice);
     all are listed as evidence and the first gives the Patient and Study modules.
+    ``predecessors`` name reports this one supersedes (a re-opened series' older report).
 
     Example::
 
+        series_uid = work.result_uid(algorithm.name, algorithm.version, "sr-series")
         report = build_measurement_report(
             work.datasets,
             Analysed((FindingGroup(
@@ -268,12 +288,12 @@ def build_measurement_report(
                 evaluations=(Evaluation(codes.NORMALITY, codes.ABNORMAL),),
                 operating_point=OperatingPoint("default", 0.5, 0.92, 0.88)),)),
             AlgorithmInfo("dat-net", "1.2.0", sha256),
-            series_instance_uid=uids.series_instance_uid,
-            sop_instance_uid=uids.sop_instance_uid,
+            series_instance_uid=series_uid,
+            sop_instance_uid=derive_uid(series_uid, 1),
             series_description="AI DaT quantification",
             procedure_reported=codes.SPECT_BRAIN,
         )
-        # or: build_measurement_report(..., NotAnalysed("only 12 slices; 40 needed"), ...)
+        # or, instead of Analysed(...): NotAnalysed("only 12 slices; at least 40 needed")
     """
     reference = reference_dataset(sources)
     check_series_description(series_description)
@@ -286,7 +306,9 @@ def build_measurement_report(
             _measurement_group(group, algorithm, study_instance_uid, sop_classes)
             for group in outcome.findings
         ]
-        summary = codes.ANALYSED_WITH_FINDINGS if outcome.findings else codes.ANALYSED_WITHOUT_FINDINGS
+        summary = (
+            codes.ANALYSED_WITH_FINDINGS if outcome.findings else codes.ANALYSED_WITHOUT_FINDINGS
+        )
     else:
         summary = codes.NOT_ANALYSED
     if not groups:
@@ -304,6 +326,10 @@ def build_measurement_report(
     _mark_containers_separate(root)
 
     kwargs: dict[str, Any] = {}
+    if predecessors:
+        kwargs["previous_versions"] = [
+            _predecessor_dataset(study_instance_uid, predecessor) for predecessor in predecessors
+        ]
     if content_datetime is not None:
         kwargs["content_date"] = content_datetime.date()
         kwargs["content_time"] = content_datetime.time()
@@ -315,23 +341,24 @@ def build_measurement_report(
                 responsible_organization=codes.LOCAL_SCHEME_ORGANIZATION,
             )
         ]
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=list(sources),
-        content=root,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        series_description=series_description,
-        manufacturer_model_name=algorithm.name,
-        content_qualification="RESEARCH",
-        **kwargs,
-    )
-    sr.SoftwareVersions = list(software_versions(algorithm))
+    with no_person_name_warnings():
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=list(sources),
+            content=root,
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=instance_number,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            series_description=series_description,
+            manufacturer_model_name=algorithm.name,
+            content_qualification="RESEARCH",
+            **kwargs,
+        )
+    sr.add_new("SoftwareVersions", "LO", list(software_versions(algorithm)))
     return sr
 
 
@@ -362,8 +389,10 @@ def read_measurement_report(ds: Dataset) -> ReportContents:
                 summary = _code(item.ConceptCodeSequence[0])
             elif item.ValueType == "TEXT" and name == codes.REASON_NOT_ANALYSED:
                 reason = str(item.TextValue)
-            elif item.ValueType == "TEXT" and name == codes.COMMENT and (
-                str(item.TextValue) == RESEARCH_USE_STATEMENT
+            elif (
+                item.ValueType == "TEXT"
+                and name == codes.COMMENT
+                and (str(item.TextValue) == RESEARCH_USE_STATEMENT)
             ):
                 statement = str(item.TextValue)
             elif item.ValueType == "TEXT":
@@ -371,7 +400,7 @@ def read_measurement_report(ds: Dataset) -> ReportContents:
 
     outcome: Outcome
     if summary == codes.NOT_ANALYSED:
-        outcome = NotAnalysed(reason or "")
+        outcome = NotAnalysed(reason or "no reason recorded")
     elif summary == codes.ANALYSED_WITHOUT_FINDINGS:
         outcome = Analysed(())
     else:
@@ -477,6 +506,15 @@ def _status_group(
     )
 
 
+def _predecessor_dataset(study_instance_uid: str, predecessor: Predecessor) -> Dataset:
+    ds = Dataset()
+    ds.StudyInstanceUID = study_instance_uid
+    ds.SeriesInstanceUID = predecessor.series_instance_uid
+    ds.SOPInstanceUID = predecessor.sop_instance_uid
+    ds.SOPClassUID = predecessor.sop_class_uid
+    return ds
+
+
 def _observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derive_uid(
@@ -500,7 +538,9 @@ def _qualitative_evaluations(
     """TID 1500 row 12: document-level evaluations, where viewers show free text."""
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     items: list[hd.sr.ContentItem] = [
-        hd.sr.CodeContentItem(name=codes.ANALYSIS_SUMMARY, value=summary, relationship_type=contains)
+        hd.sr.CodeContentItem(
+            name=codes.ANALYSIS_SUMMARY, value=summary, relationship_type=contains
+        )
     ]
     if isinstance(outcome, NotAnalysed):
         items.append(
@@ -642,7 +682,7 @@ def _read_group(
         laterality=laterality,
         measurements=tuple(measurements),
         evaluations=tuple(
-            Evaluation(_code(evaluation.name), _code(evaluation.value))
+            Evaluation(_code(evaluation.name), _code(cast(Dataset, evaluation.value)))
             for evaluation in group.get_qualitative_evaluations()
         ),
         source_sop_instance_uids=tuple(

@@ -50,7 +50,9 @@ class ResultValidationError(ValueError):
     def __init__(self, errors: list[str], sop_class: str) -> None:
         self.errors = errors
         listed = "\n  ".join(errors)
-        super().__init__(f"{sop_class} object failed dciodvfy with {len(errors)} error(s):\n  {listed}")
+        super().__init__(
+            f"{sop_class} object failed dciodvfy with {len(errors)} error(s):\n  {listed}"
+        )
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,11 @@ def dciodvfy_report(ds: Dataset) -> DciodvfyReport:
     with tempfile.TemporaryDirectory(prefix="dicomnode-dciodvfy-") as tmp:
         path = _write(ds, tmp, "object.dcm")
         completed = _run([executable, "-new", str(path)])
-    text = (completed.stdout + completed.stderr).decode("utf-8", "replace").replace(str(path), "<object>")
+    text = (
+        (completed.stdout + completed.stderr)
+        .decode("utf-8", "replace")
+        .replace(str(path), "<object>")
+    )
     errors, warnings = parse_dciodvfy_output(text)
     if completed.returncode != 0 and not errors:
         errors.append(f"Error - dciodvfy exited with status {completed.returncode}")

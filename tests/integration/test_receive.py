@@ -55,7 +55,7 @@ def stored_file(node: NodeProcess, sop_uid: str) -> Path:
         row = c.execute("SELECT path FROM instances WHERE sop_instance_uid=?",
                         (sop_uid,)).fetchone()
     assert row is not None, "instance not in the ledger"
-    return node.storage / row[0]
+    return node.storage / str(row[0])
 
 
 def test_echo(node: NodeProcess) -> None:

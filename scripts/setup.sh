@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Sets up dicomnode in .venv at the repository root.
+#   scripts/setup.sh           the node and its serving dependencies, plus the DICOM tools it
+#                              uses at run time (dcmtk, dicom3tools) and Orthanc for the demo
+#   scripts/setup.sh --test    also the test and lint tools and the training extra (torch)
+# Idempotent: re-running only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+for arg in "$@"; do
+  case "$arg" in
+    --test) extras="[test,train]" ;;
+    --gpu) extras="[gpu]" ;;
+    *) echo "usage: scripts/setup.sh [--test|--gpu]" >&2; exit 2 ;;
+  esac
+done
+
+need_apt=()
+command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
+command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
+command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian packages: ${need_apt[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    # Debian starts an Orthanc service on install; the tests and demo start their own.
+    (service orthanc stop || systemctl stop orthanc || true) >/dev/null 2>&1
+  else
+    echo "setup: missing ${need_apt[*]} (Debian packages); install them as root" >&2
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+if [ "$extras" = "[gpu]" ]; then
+  # onnxruntime-gpu provides the same module; the CPU wheel would shadow it.
+  .venv/bin/python -m pip uninstall -y -q onnxruntime >/dev/null 2>&1 || true
+fi
+.venv/bin/python -m pip install -q -e ".${extras}" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/dicomnode --help >/dev/null
+echo "setup: ready (.venv/bin/dicomnode)"
