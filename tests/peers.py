@@ -149,7 +149,8 @@ def start_orthanc(workdir: Path, *, aet: str = "ORTHANC",
         require_tool("Orthanc")
         raise AssertionError("unreachable")
     workdir.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port = free_port(), free_port()
+    dicom_port = int((extra or {}).get("DicomPort") or free_port())
+    http_port = int((extra or {}).get("HttpPort") or free_port())
     config = {
         "Name": "dicomnode-test-pacs",
         "StorageDirectory": str(workdir / "storage"),

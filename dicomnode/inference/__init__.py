@@ -33,6 +33,7 @@ from dicomnode.inference.runtime import (
     ModelSession,
     RuntimeSettings,
     SessionCache,
+    open_model,
     open_session,
 )
 
@@ -62,5 +63,6 @@ __all__ = [
     "TrainingData",
     "load_card",
     "load_package",
+    "open_model",
     "open_session",
 ]

@@ -61,9 +61,7 @@ class IncompleteCardError(InvalidCardError):
     def __init__(self, source: str, missing: Sequence[str]) -> None:
         self.source = source
         self.missing = tuple(missing)
-        super().__init__(
-            f"model card {source} is missing required keys: {', '.join(self.missing)}"
-        )
+        super().__init__(f"model card {source} is missing required keys: {', '.join(self.missing)}")
 
 
 class ChecksumMismatchError(ModelPackageError):
@@ -85,9 +83,7 @@ class SignatureMismatchError(ModelPackageError):
     def __init__(self, path: str, differences: Sequence[str]) -> None:
         self.path = path
         self.differences = tuple(differences)
-        super().__init__(
-            f"{path} does not match its model card: " + "; ".join(self.differences)
-        )
+        super().__init__(f"{path} does not match its model card: " + "; ".join(self.differences))
 
 
 class ProviderUnavailableError(InferenceError):

@@ -37,7 +37,9 @@ __all__ = [
     "CARD_FILE",
     "CARD_VERSION",
     "MODEL_FILE",
+    "Activation",
     "Dim",
+    "GraphSignature",
     "Metric",
     "ModelCard",
     "ModelPackage",
@@ -45,8 +47,8 @@ __all__ = [
     "OutputKind",
     "OutputSpec",
     "ResourceEstimate",
+    "ScoreScale",
     "TensorSpec",
-    "GraphSignature",
     "TrainingData",
     "check_signature",
     "load_card",
@@ -152,8 +154,10 @@ class OutputSpec(TensorSpec):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kind not in get_args(OutputKind):
-            raise _fail(f"output {self.name!r} has kind {self.kind!r}; "
-                        f"use one of {list(get_args(OutputKind))}")
+            raise _fail(
+                f"output {self.name!r} has kind {self.kind!r}; "
+                f"use one of {list(get_args(OutputKind))}"
+            )
         if self.activation not in get_args(Activation):
             raise _fail(f"output {self.name!r} has activation {self.activation!r}")
         if not self.meaning.strip():
@@ -163,16 +167,20 @@ class OutputSpec(TensorSpec):
                 raise _fail(f"output {self.name!r} ({self.kind}) must name its classes")
             axis = self.shape[1] if len(self.shape) > 1 else None
             if isinstance(axis, int) and axis != len(self.classes):
-                raise _fail(f"output {self.name!r} has {axis} scores per sample but "
-                            f"{len(self.classes)} classes")
+                raise _fail(
+                    f"output {self.name!r} has {axis} scores per sample but "
+                    f"{len(self.classes)} classes"
+                )
         if self.kind in _CAM_KINDS:
             if self.explains is None:
                 raise _fail(f"CAM output {self.name!r} must say which output it explains")
             if self.cam_target is None:
                 raise _fail(f"CAM output {self.name!r} must give cam_target")
             if isinstance(self.cam_target, str) and self.cam_target not in ("all", "predicted"):
-                raise _fail(f"CAM output {self.name!r} has cam_target {self.cam_target!r}; "
-                            "use 'all', 'predicted' or a class index")
+                raise _fail(
+                    f"CAM output {self.name!r} has cam_target {self.cam_target!r}; "
+                    "use 'all', 'predicted' or a class index"
+                )
 
 
 @dataclass(frozen=True)
@@ -191,13 +199,14 @@ class OperatingPoint:
     def __post_init__(self) -> None:
         if not math.isfinite(self.threshold):
             raise _fail(f"operating point {self.name!r} has a non-finite threshold")
-        for label, value in (("sensitivity", self.sensitivity),
-                             ("specificity", self.specificity)):
+        for label, value in (("sensitivity", self.sensitivity), ("specificity", self.specificity)):
             if not 0.0 <= value <= 1.0:
                 raise _fail(f"operating point {self.name!r} has {label} {value} outside [0, 1]")
         if self.scale == "probability" and not 0.0 <= self.threshold <= 1.0:
-            raise _fail(f"operating point {self.name!r} has probability threshold "
-                        f"{self.threshold} outside [0, 1]")
+            raise _fail(
+                f"operating point {self.name!r} has probability threshold "
+                f"{self.threshold} outside [0, 1]"
+            )
 
 
 @dataclass(frozen=True)
@@ -214,8 +223,10 @@ class Metric:
 
     def __post_init__(self) -> None:
         if not self.ci_lower <= self.value <= self.ci_upper:
-            raise _fail(f"metric {self.name!r}: value {self.value} is outside its confidence "
-                        f"interval [{self.ci_lower}, {self.ci_upper}]")
+            raise _fail(
+                f"metric {self.name!r}: value {self.value} is outside its confidence "
+                f"interval [{self.ci_lower}, {self.ci_upper}]"
+            )
         if not 0.0 < self.ci_level < 1.0:
             raise _fail(f"metric {self.name!r}: ci_level {self.ci_level} is not in (0, 1)")
 
@@ -265,15 +276,22 @@ class ModelCard:
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
-            raise _fail(f"name {self.name!r} must be lower-case letters, digits, '.', '_' or "
-                        "'-' (it is also the package directory's name)")
+            raise _fail(
+                f"name {self.name!r} must be lower-case letters, digits, '.', '_' or "
+                "'-' (it is also the package directory's name)"
+            )
         if self.card_version != CARD_VERSION:
-            raise _fail(f"card_version {self.card_version} is not supported "
-                        f"(this node reads version {CARD_VERSION})")
+            raise _fail(
+                f"card_version {self.card_version} is not supported "
+                f"(this node reads version {CARD_VERSION})"
+            )
         if not _SHA256.match(self.sha256):
             raise _fail("sha256 must be 64 lower-case hexadecimal digits")
-        for label, value in (("version", self.version), ("task", self.task),
-                             ("intended_use", self.intended_use)):
+        for label, value in (
+            ("version", self.version),
+            ("task", self.task),
+            ("intended_use", self.intended_use),
+        ):
             if not value.strip():
                 raise _fail(f"{label} is empty")
         if not self.modality:
@@ -289,16 +307,22 @@ class ModelCard:
             if out.explains is not None:
                 explained = outputs.get(out.explains)
                 if explained is None or explained.kind not in _SCORE_KINDS:
-                    raise _fail(f"output {out.name!r} explains {out.explains!r}, "
-                                "which is not a score output of this model")
+                    raise _fail(
+                        f"output {out.name!r} explains {out.explains!r}, "
+                        "which is not a score output of this model"
+                    )
         for point in self.operating_points:
             target = outputs.get(point.output)
             if target is None or target.kind not in ("logits", "probabilities", "risk"):
-                raise _fail(f"operating point {point.name!r} refers to output "
-                            f"{point.output!r}, which is not a score output")
+                raise _fail(
+                    f"operating point {point.name!r} refers to output "
+                    f"{point.output!r}, which is not a score output"
+                )
             if point.class_name is not None and point.class_name not in target.classes:
-                raise _fail(f"operating point {point.name!r} names class {point.class_name!r},"
-                            f" not one of {list(target.classes)}")
+                raise _fail(
+                    f"operating point {point.name!r} names class {point.class_name!r},"
+                    f" not one of {list(target.classes)}"
+                )
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -340,8 +364,14 @@ class ModelCard:
                 "synthetic": self.training_data.synthetic,
             },
             "metrics": [
-                {"name": m.name, "value": m.value, "ci": [m.ci_lower, m.ci_upper],
-                 "ci_level": m.ci_level, "method": m.method, "dataset": m.dataset}
+                {
+                    "name": m.name,
+                    "value": m.value,
+                    "ci": [m.ci_lower, m.ci_upper],
+                    "ci_level": m.ci_level,
+                    "method": m.method,
+                    "dataset": m.dataset,
+                }
                 for m in self.metrics
             ],
             "limitations": list(self.limitations),
@@ -356,7 +386,13 @@ class ModelCard:
         return data
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_mapping(), sort_keys=False, allow_unicode=True, width=96)
+        return yaml.safe_dump(
+            self.to_mapping(),
+            sort_keys=False,
+            allow_unicode=True,
+            width=96,
+            default_flow_style=None,
+        )
 
     @classmethod
     def from_mapping(cls, data: object, *, source: str = "<model card>") -> ModelCard:
@@ -377,8 +413,18 @@ class ModelCard:
 # --- parsing helpers ---------------------------------------------------------------------
 
 _REQUIRED: tuple[str, ...] = (
-    "name", "version", "task", "modality", "inputs", "preprocessing", "outputs",
-    "operating_points", "training_data", "metrics", "intended_use", "sha256",
+    "name",
+    "version",
+    "task",
+    "modality",
+    "inputs",
+    "preprocessing",
+    "outputs",
+    "operating_points",
+    "training_data",
+    "metrics",
+    "intended_use",
+    "sha256",
 )
 _REQUIRED_ITEM: dict[str, tuple[str, ...]] = {
     "inputs": ("name", "shape", "dtype"),
@@ -396,8 +442,9 @@ def _missing_keys(data: Mapping[str, Any]) -> list[str]:
             continue
         for index, item in enumerate(items):
             if isinstance(item, Mapping):
-                missing += [f"{section}[{index}].{k}" for k in keys
-                            if k not in item or item[k] is None]
+                missing += [
+                    f"{section}[{index}].{k}" for k in keys if k not in item or item[k] is None
+                ]
     training = data.get("training_data")
     if isinstance(training, Mapping) and training.get("description") is None:
         missing.append("training_data.description")
@@ -462,20 +509,24 @@ def _parse_card(data: Mapping[str, Any]) -> ModelCard:
         key = f"outputs[{i}]"
         item = _as_mapping(raw, key)
         cam_target = item.get("cam_target")
-        if cam_target is not None and (isinstance(cam_target, bool)
-                                       or not isinstance(cam_target, str | int)):
+        if cam_target is not None and (
+            isinstance(cam_target, bool) or not isinstance(cam_target, str | int)
+        ):
             raise _fail(f"{key}.cam_target must be 'all', 'predicted' or a class index")
         explains = item.get("explains")
-        outputs.append(OutputSpec(
-            **_parse_tensor(item, key),
-            kind=cast(OutputKind, _as_str(item["kind"], f"{key}.kind")),
-            meaning=_as_str(item["meaning"], f"{key}.meaning"),
-            classes=_str_tuple(item.get("classes", []), f"{key}.classes"),
-            activation=cast(Activation, _as_str(item.get("activation", "none"),
-                                                f"{key}.activation")),
-            explains=None if explains is None else _as_str(explains, f"{key}.explains"),
-            cam_target=cam_target,
-        ))
+        outputs.append(
+            OutputSpec(
+                **_parse_tensor(item, key),
+                kind=cast(OutputKind, _as_str(item["kind"], f"{key}.kind")),
+                meaning=_as_str(item["meaning"], f"{key}.meaning"),
+                classes=_str_tuple(item.get("classes", []), f"{key}.classes"),
+                activation=cast(
+                    Activation, _as_str(item.get("activation", "none"), f"{key}.activation")
+                ),
+                explains=None if explains is None else _as_str(explains, f"{key}.explains"),
+                cam_target=cam_target,
+            )
+        )
     points: list[OperatingPoint] = []
     for i, raw in enumerate(_as_list(data["operating_points"], "operating_points")):
         key = f"operating_points[{i}]"
@@ -484,16 +535,18 @@ def _parse_card(data: Mapping[str, Any]) -> ModelCard:
         if scale not in get_args(ScoreScale):
             raise _fail(f"{key}.scale must be one of {list(get_args(ScoreScale))}")
         class_name = item.get("class")
-        points.append(OperatingPoint(
-            name=_as_str(item["name"], f"{key}.name"),
-            output=_as_str(item["output"], f"{key}.output"),
-            threshold=_as_float(item["threshold"], f"{key}.threshold"),
-            sensitivity=_as_float(item["sensitivity"], f"{key}.sensitivity"),
-            specificity=_as_float(item["specificity"], f"{key}.specificity"),
-            class_name=None if class_name is None else _as_str(class_name, f"{key}.class"),
-            scale=cast(ScoreScale, scale),
-            dataset=_as_str(item.get("dataset", ""), f"{key}.dataset"),
-        ))
+        points.append(
+            OperatingPoint(
+                name=_as_str(item["name"], f"{key}.name"),
+                output=_as_str(item["output"], f"{key}.output"),
+                threshold=_as_float(item["threshold"], f"{key}.threshold"),
+                sensitivity=_as_float(item["sensitivity"], f"{key}.sensitivity"),
+                specificity=_as_float(item["specificity"], f"{key}.specificity"),
+                class_name=None if class_name is None else _as_str(class_name, f"{key}.class"),
+                scale=cast(ScoreScale, scale),
+                dataset=_as_str(item.get("dataset", ""), f"{key}.dataset"),
+            )
+        )
     metrics: list[Metric] = []
     for i, raw in enumerate(_as_list(data["metrics"], "metrics")):
         key = f"metrics[{i}]"
@@ -501,15 +554,17 @@ def _parse_card(data: Mapping[str, Any]) -> ModelCard:
         ci = _as_list(item["ci"], f"{key}.ci")
         if len(ci) != 2:
             raise _fail(f"{key}.ci must be [lower, upper]")
-        metrics.append(Metric(
-            name=_as_str(item["name"], f"{key}.name"),
-            value=_as_float(item["value"], f"{key}.value"),
-            ci_lower=_as_float(ci[0], f"{key}.ci[0]"),
-            ci_upper=_as_float(ci[1], f"{key}.ci[1]"),
-            ci_level=_as_float(item.get("ci_level", 0.95), f"{key}.ci_level"),
-            method=_as_str(item.get("method", ""), f"{key}.method"),
-            dataset=_as_str(item.get("dataset", ""), f"{key}.dataset"),
-        ))
+        metrics.append(
+            Metric(
+                name=_as_str(item["name"], f"{key}.name"),
+                value=_as_float(item["value"], f"{key}.value"),
+                ci_lower=_as_float(ci[0], f"{key}.ci[0]"),
+                ci_upper=_as_float(ci[1], f"{key}.ci[1]"),
+                ci_level=_as_float(item.get("ci_level", 0.95), f"{key}.ci_level"),
+                method=_as_str(item.get("method", ""), f"{key}.method"),
+                dataset=_as_str(item.get("dataset", ""), f"{key}.dataset"),
+            )
+        )
     training = _as_mapping(data["training_data"], "training_data")
     cases_raw = _as_mapping(training.get("cases", {}), "training_data.cases")
     cases: dict[str, int] = {}
@@ -526,8 +581,7 @@ def _parse_card(data: Mapping[str, Any]) -> ModelCard:
         per_sample = res.get("activation_bytes_per_sample")
         if isinstance(per_sample, bool) or not isinstance(per_sample, int) or per_sample < 0:
             raise _fail("resources.activation_bytes_per_sample must be a non-negative integer")
-        resources = ResourceEstimate(per_sample, _as_str(res.get("method", ""),
-                                                         "resources.method"))
+        resources = ResourceEstimate(per_sample, _as_str(res.get("method", ""), "resources.method"))
     card_version = data.get("card_version", CARD_VERSION)
     if isinstance(card_version, bool) or not isinstance(card_version, int):
         raise _fail("card_version must be an integer")
@@ -568,12 +622,16 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
-    return value
+    for plain in (bool, str, int, float):  # bool before int: bool is an int subclass
+        if isinstance(value, plain):
+            return plain(value)
+    if value is None:
+        return None
+    raise InvalidCardError(f"{type(value).__name__} value {value!r} cannot be stored in a card")
 
 
 def _tensor_mapping(tensor: TensorSpec) -> dict[str, Any]:
-    data: dict[str, Any] = {"name": tensor.name, "shape": list(tensor.shape),
-                            "dtype": tensor.dtype}
+    data: dict[str, Any] = {"name": tensor.name, "shape": list(tensor.shape), "dtype": tensor.dtype}
     if tensor.description:
         data["description"] = tensor.description
     return data
@@ -581,8 +639,14 @@ def _tensor_mapping(tensor: TensorSpec) -> dict[str, Any]:
 
 def _output_mapping(out: OutputSpec) -> dict[str, Any]:
     data = _tensor_mapping(out)
-    data.update({"kind": out.kind, "meaning": out.meaning, "classes": list(out.classes),
-                 "activation": out.activation})
+    data.update(
+        {
+            "kind": out.kind,
+            "meaning": out.meaning,
+            "classes": list(out.classes),
+            "activation": out.activation,
+        }
+    )
     if out.explains is not None:
         data["explains"] = out.explains
     if out.cam_target is not None:
@@ -594,9 +658,15 @@ def _operating_point_mapping(point: OperatingPoint) -> dict[str, Any]:
     data: dict[str, Any] = {"name": point.name, "output": point.output}
     if point.class_name is not None:
         data["class"] = point.class_name
-    data.update({"threshold": point.threshold, "scale": point.scale,
-                 "sensitivity": point.sensitivity, "specificity": point.specificity,
-                 "dataset": point.dataset})
+    data.update(
+        {
+            "threshold": point.threshold,
+            "scale": point.scale,
+            "sensitivity": point.sensitivity,
+            "specificity": point.specificity,
+            "dataset": point.dataset,
+        }
+    )
     return data
 
 
@@ -667,6 +737,7 @@ def read_onnx_signature(path: Path) -> GraphSignature:
 
 def signature_of(inputs: Iterable[Any], outputs: Iterable[Any]) -> GraphSignature:
     """Convert ONNX Runtime ``NodeArg`` lists to plain tuples."""
+
     def convert(args: Iterable[Any]) -> tuple[tuple[str, tuple[int | str | None, ...], str], ...]:
         return tuple((str(a.name), tuple(a.shape), str(a.type)) for a in args)
 
@@ -681,7 +752,8 @@ def _dim_ok(declared: Dim, actual: int | str | None) -> bool:
 
 
 def signature_differences(
-    declared: Sequence[TensorSpec], actual: Sequence[tuple[str, Sequence[int | str | None], str]],
+    declared: Sequence[TensorSpec],
+    actual: Sequence[tuple[str, Sequence[int | str | None], str]],
     role: str,
 ) -> list[str]:
     """Human-readable differences between a card's tensors and the graph's."""
@@ -697,8 +769,9 @@ def signature_differences(
             continue
         shape, dtype = found[spec.name]
         if dtype != _ORT_TYPES[spec.dtype]:
-            differences.append(f"{role} {spec.name!r} is {dtype} in the graph, "
-                               f"{spec.dtype} in the card")
+            differences.append(
+                f"{role} {spec.name!r} is {dtype} in the graph, {spec.dtype} in the card"
+            )
         if len(shape) != len(spec.shape) or not all(
             _dim_ok(d, a) for d, a in zip(spec.shape, shape, strict=False)
         ):

@@ -35,9 +35,12 @@ from dicomnode.inference.errors import (
     ResourceBudgetError,
 )
 from dicomnode.inference.package import (
+    CARD_FILE,
+    MODEL_FILE,
     ModelPackage,
     TensorSpec,
     check_signature,
+    load_package,
     signature_of,
 )
 
@@ -50,6 +53,7 @@ __all__ = [
     "SessionCache",
     "available_providers",
     "default_cache",
+    "open_model",
     "open_session",
     "plan_batch_size",
     "resolve_providers",
@@ -154,8 +158,10 @@ def resolve_providers(settings: RuntimeSettings) -> list[str | tuple[str, dict[s
     resolved: list[str | tuple[str, dict[str, str]]] = []
     for name in names:
         if name == CUDA:
-            options = {"device_id": str(settings.device_id),
-                       "arena_extend_strategy": "kSameAsRequested"}
+            options = {
+                "device_id": str(settings.device_id),
+                "arena_extend_strategy": "kSameAsRequested",
+            }
             resolved.append((name, options))
         else:
             resolved.append(name)
@@ -178,7 +184,8 @@ def plan_batch_size(package: ModelPackage, settings: RuntimeSettings) -> int:
         log.warning(
             "model %s: the card has no per-sample memory estimate (or a dynamic non-batch "
             "axis); the memory budget is not applied, batches are max_batch=%d",
-            card.name, settings.max_batch,
+            card.name,
+            settings.max_batch,
         )
         return settings.max_batch
     per_sample = card.resources.activation_bytes_per_sample + sum(s or 0 for s in io_sizes)
@@ -240,8 +247,14 @@ class ModelSession:
         )
         self._output_names = [o.name for o in card.outputs]
         self._splittable = all(t.batched for t in (*card.inputs, *card.outputs))
-        log.info("model %s %s opened on %s in %.2f s (batch size %d)", card.name,
-                 card.version, self.provider, self.open_seconds, self.batch_size)
+        log.info(
+            "model %s %s opened on %s in %.2f s (batch size %d)",
+            card.name,
+            card.version,
+            self.provider,
+            self.open_seconds,
+            self.batch_size,
+        )
 
     @property
     def provider(self) -> str:
@@ -302,8 +315,11 @@ class ModelSession:
                     raise InputValidationError(
                         f"input {name!r} has {value.shape[0]} samples, another input has {batch}"
                     )
-            if (self.settings.reject_non_finite and value.dtype.kind == "f"
-                    and not np.isfinite(value).all()):
+            if (
+                self.settings.reject_non_finite
+                and value.dtype.kind == "f"
+                and not np.isfinite(value).all()
+            ):
                 raise InputValidationError(f"input {name!r} contains NaN or infinite values")
             arrays[name] = np.ascontiguousarray(value)
         if batch == 0:
@@ -334,8 +350,10 @@ class ModelSession:
         if len(chunks) == 1:
             merged = chunks[0]
         else:
-            merged = [np.concatenate([c[i] for c in chunks], axis=0)
-                      for i in range(len(self._output_names))]
+            merged = [
+                np.concatenate([c[i] for c in chunks], axis=0)
+                for i in range(len(self._output_names))
+            ]
         return InferenceResult(
             outputs=dict(zip(self._output_names, merged, strict=True)),
             provider=self.provider,
@@ -349,26 +367,57 @@ class ModelSession:
         """Run one zero batch so the first study does not pay for arena growth/autotune."""
         feed: dict[str, np.ndarray] = {}
         for spec in self.card_inputs:
-            dims = [self.batch_size if (i == 0 and spec.batched) else d
-                    for i, d in enumerate(spec.shape)]
+            dims = [
+                self.batch_size if (i == 0 and spec.batched) else d
+                for i, d in enumerate(spec.shape)
+            ]
             if not all(isinstance(d, int) for d in dims):
-                log.info("model %s: dynamic input shape, skipping warm-up",
-                         self.package.card.name)
+                log.info("model %s: dynamic input shape, skipping warm-up", self.package.card.name)
                 return
             feed[spec.name] = np.zeros([int(d) for d in dims], dtype=spec.numpy_dtype)
         self.run(feed)
+
+
+def _file_identity(directory: Path) -> tuple[tuple[int, int, int], ...]:
+    identity = []
+    for name in (MODEL_FILE, CARD_FILE):
+        stat = (directory / name).stat()
+        identity.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return tuple(identity)
 
 
 class SessionCache:
     """Sessions by (ONNX path, sha256, settings): one per model and configuration.
 
     Keying on the sha256 means a package re-exported in place gets a fresh session on
-    the next :meth:`get` with the re-loaded package, never the stale one.
+    the next :meth:`get` with the re-loaded package, never the stale one. :meth:`open`
+    also remembers verified packages by the two files' inode, size and mtime, so a
+    worker can ask for a model directory per job without re-hashing 100 MB each time,
+    while a replaced file is verified again before it is served.
     """
 
     def __init__(self) -> None:
         self._sessions: dict[tuple[str, str, RuntimeSettings], ModelSession] = {}
+        self._packages: dict[str, tuple[tuple[tuple[int, int, int], ...], ModelPackage]] = {}
         self._lock = threading.Lock()
+
+    def open(self, directory: Path | str, settings: RuntimeSettings | None = None) -> ModelSession:
+        """The warm session for the package in ``directory``, verifying it when it changed."""
+        root = Path(directory).resolve()
+        try:
+            identity = _file_identity(root)
+        except OSError:
+            identity = ()
+        with self._lock:
+            known = self._packages.get(str(root))
+        if known is not None and identity and known[0] == identity:
+            package = known[1]
+        else:
+            # The session re-checks the signature on the graph it opens.
+            package = load_package(root, verify_signature=False)
+            with self._lock:
+                self._packages[str(root)] = (identity, package)
+        return self.get(package, settings)
 
     def get(self, package: ModelPackage, settings: RuntimeSettings | None = None) -> ModelSession:
         settings = settings or RuntimeSettings()
@@ -383,6 +432,7 @@ class SessionCache:
     def clear(self) -> None:
         with self._lock:
             self._sessions.clear()
+            self._packages.clear()
 
     def __len__(self) -> int:
         with self._lock:
@@ -399,4 +449,14 @@ def open_session(
     cache: SessionCache | None = None,
 ) -> ModelSession:
     """The warm session for ``package`` from ``cache`` (the process-wide one by default)."""
-    return (cache or default_cache).get(package, settings)
+    return (cache if cache is not None else default_cache).get(package, settings)
+
+
+def open_model(
+    directory: Path | str,
+    settings: RuntimeSettings | None = None,
+    *,
+    cache: SessionCache | None = None,
+) -> ModelSession:
+    """Load (or reuse) the package in ``directory`` and return its warm session."""
+    return (cache if cache is not None else default_cache).open(directory, settings)

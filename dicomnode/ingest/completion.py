@@ -49,12 +49,13 @@ def expected_instances(ds: Dataset) -> tuple[int | None, str | None]:
         slices = _int(ds, "NumberOfSlices")
         if sop_class != "1.2.840.10008.5.1.4.1.1.20" or (slices and frames >= slices):
             return 1, f"one multi-frame object (NumberOfFrames {frames})"
+    # A count of 1 in a single-frame object describes the object, not the series.
     if sop_class == "1.2.840.10008.5.1.4.1.1.20" and (frames or 1) == 1:
         slices = _int(ds, "NumberOfSlices")
-        if slices:
+        if slices and slices > 1:
             return slices, f"NumberOfSlices {slices}"
     images = _int(ds, "ImagesInAcquisition")
-    if images:
+    if images and images > 1:
         return images, f"ImagesInAcquisition {images}"
     return None, None
 
@@ -78,7 +79,11 @@ class CompletionTracker:
             return f"all {s.expected_count} instances expected by {s.expected_by} arrived"
         quiet = now - s.last_received
         if quiet >= self.settings.series_quiet_s:
-            return f"no new instance for {self.settings.series_quiet_s:g} s"
+            reason = f"no new instance for {self.settings.series_quiet_s:g} s"
+            if s.expected_count is not None:
+                reason += (f" ({s.instance_count} of {s.expected_count} instances expected by "
+                           f"{s.expected_by})")
+            return reason
         return None
 
     def sweep(self) -> list[Closed]:

@@ -6,6 +6,7 @@ State machine::
                                  ▲                               │
                                  └──────── late instance ────────┘ (generation + 1)
     job pending ─▶ running ─▶ done (outbox rows) | pending again | failed
+    job pending ─▶ superseded (its series re-opened before it ran)
     outbox pending ─▶ sending ─▶ sent | pending (backoff) | dead
 
 Every transition is one transaction, so a process killed at any instant restarts into
@@ -325,6 +326,11 @@ class Ledger:
                           "expected_count=COALESCE(expected_count, ?), "
                           "expected_by=COALESCE(expected_by, ?) WHERE series_uid=?",
                           (now, rec.expected_count, rec.expected_by, rec.series_uid))
+            if reopened:
+                # a newer generation will be analysed: queued work on the older is moot
+                c.execute("UPDATE jobs SET state='superseded', finished_at=? "
+                          "WHERE state='pending' AND subject_uid IN (?, ?)",
+                          (now, rec.series_uid, rec.study_uid))
             if prev is None:
                 c.execute("INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, "
                           "study_uid, path, sha256, size, transfer_syntax, calling_ae, "
@@ -458,8 +464,17 @@ class Ledger:
                  "state, attempts, error")
 
     def recover(self) -> tuple[int, int]:
-        """After a restart: re-queue jobs that were running and sends that were in flight."""
+        """After a restart: re-queue jobs that were running and sends that were in flight.
+
+        Open series and studies restart their quiet period: while the node was down no
+        instance could arrive, so downtime is not evidence that a sender has finished.
+        """
+        now = self.clock()
         with self._write() as c:
+            c.execute("UPDATE series SET last_received=max(last_received, ?) WHERE state='open'",
+                      (now,))
+            c.execute("UPDATE studies SET last_received=max(last_received, ?) "
+                      "WHERE state='open'", (now,))
             jobs = c.execute("UPDATE jobs SET state='pending' WHERE state='running'").rowcount
             sends = c.execute("UPDATE outbox SET state='pending' WHERE state='sending'").rowcount
         return jobs, sends

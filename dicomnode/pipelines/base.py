@@ -40,7 +40,8 @@ class PipelineInput:
     options: Mapping[str, Any] = field(default_factory=dict)
     models_dir: Path = Path("models")
 
-    def result_uid(self, algorithm: str, version: str, *parts: str | int) -> str:
+    def result_uid(self, algorithm: str, version: str, *parts: str | int,
+                   generation: int | None = None) -> str:
         """Deterministic UID for a result object of this unit of work.
 
         The same route, subject, generation and algorithm version give the same UID, so a
@@ -49,7 +50,8 @@ class PipelineInput:
         """
         subject = self.study_instance_uid if self.level == "study" else ",".join(
             sorted(self.series_instance_uids))
-        return derive_uid(self.route, subject, self.generation, algorithm, version, *parts)
+        gen = self.generation if generation is None else generation
+        return derive_uid(self.route, subject, gen, algorithm, version, *parts)
 
 
 @dataclass(frozen=True)

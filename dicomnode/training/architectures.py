@@ -38,6 +38,7 @@ __all__ = [
     "GapClassifier",
     "PatientMIL",
     "ResNet",
+    "ResNetDepth",
     "WeightLoadError",
     "WeightLoadReport",
     "count_parameters",
@@ -91,7 +92,8 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        result: Tensor = self.relu(out + identity)
+        return result
 
 
 class Bottleneck(nn.Module):
@@ -120,7 +122,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        result: Tensor = self.relu(out + identity)
+        return result
 
 
 class ResNet(nn.Module):
@@ -335,8 +338,10 @@ def load_torchvision_resnet_weights(
                 f"conv1.weight has {source_channels} input channels; the model has "
                 f"{model.in_channels} and only a single-channel stem is derived"
             )
-        reduced = stem.sum(dim=1, keepdim=True) if stem_reduction == "sum" else stem.mean(
-            dim=1, keepdim=True
+        reduced = (
+            stem.sum(dim=1, keepdim=True)
+            if stem_reduction == "sum"
+            else stem.mean(dim=1, keepdim=True)
         )
         trunk["conv1.weight"] = reduced
     for key, value in trunk.items():
@@ -408,9 +413,7 @@ class FusionConfig:
 
     @classmethod
     def small(cls) -> FusionConfig:
-        return cls(
-            depth=10, width=8, embed_dim=16, class_hidden=16, stage_hidden=8, risk_hidden=8
-        )
+        return cls(depth=10, width=8, embed_dim=16, class_hidden=16, stage_hidden=8, risk_hidden=8)
 
 
 class FusionOutput(NamedTuple):
@@ -450,11 +453,13 @@ class DualEncoderFusion(nn.Module):
         fused = 2 * cfg.embed_dim
         self.class_head = mlp_head(fused, cfg.class_hidden, cfg.num_classes, cfg.dropout)
         self.stage_head = nn.Sequential(
-            nn.Linear(fused, cfg.stage_hidden), nn.ReLU(inplace=True),
+            nn.Linear(fused, cfg.stage_hidden),
+            nn.ReLU(inplace=True),
             nn.Linear(cfg.stage_hidden, cfg.num_stages),
         )
         self.risk_head = nn.Sequential(
-            nn.Linear(fused, cfg.risk_hidden), nn.ReLU(inplace=True),
+            nn.Linear(fused, cfg.risk_hidden),
+            nn.ReLU(inplace=True),
             nn.Linear(cfg.risk_hidden, 1),
         )
 
@@ -464,8 +469,9 @@ class DualEncoderFusion(nn.Module):
         if not self.training or self.config.modality_dropout == 0.0:
             return presence
         both = (presence[:, 0] > 0) & (presence[:, 1] > 0)
-        drop = both & (torch.rand(presence.shape[0], device=presence.device)
-                       < self.config.modality_dropout)
+        drop = both & (
+            torch.rand(presence.shape[0], device=presence.device) < self.config.modality_dropout
+        )
         drop_ct = drop & (torch.rand(presence.shape[0], device=presence.device) < 0.5)
         drop_mr = drop & ~drop_ct
         keep = torch.stack([~drop_ct, ~drop_mr], dim=1).to(presence.dtype)

@@ -22,7 +22,8 @@ ONNX as plain MatMul / Mul / Greater nodes.
 Maps are upsampled bilinearly (``align_corners=False``) to the input size and divided by
 their per-image, per-class maximum, so each lies in [0, 1] with 0 still meaning "no
 positive evidence" (a min-max stretch would turn a uniformly weak map into a full-scale
-one). A map whose peak is below ``CAM_EPS`` stays (near) zero. The un-normalised map at
+one). A map whose peak is below ``CAM_EPS`` (or float16's smallest normal number)
+stays (near) zero. The un-normalised map at
 feature resolution can be exported too; it keeps the absolute scale for comparisons
 between images.
 
@@ -114,10 +115,7 @@ def head_jacobian(head: nn.Module, pooled: Tensor) -> tuple[Tensor, Tensor]:
     eye = torch.eye(classes, dtype=x.dtype, device=x.device)
     jac = eye.unsqueeze(0).expand(batch, classes, classes)
     for kind, value in reversed(steps):
-        if kind == "matmul":
-            jac = torch.matmul(jac, value)
-        else:
-            jac = jac * value.unsqueeze(-2)
+        jac = torch.matmul(jac, value) if kind == "matmul" else jac * value.unsqueeze(-2)
     return x, jac
 
 
@@ -142,6 +140,11 @@ def _select(jac: Tensor, logits: Tensor, target: CamTarget) -> Tensor:
     raise ValueError(f"CAM target must be 'all', 'predicted' or a class index, got {target!r}")
 
 
+def _peak_floor(dtype: torch.dtype) -> float:
+    # 1e-12 is zero in float16; there the smallest normal number is the floor instead.
+    return max(CAM_EPS, float(torch.finfo(dtype).tiny))
+
+
 def cam_maps(feature_map: Tensor, grads: Tensor, size: Sequence[int]) -> tuple[Tensor, Tensor]:
     """Grad-CAM from a feature map (B, C, h, w) and pooled-feature gradients (B, K, C).
 
@@ -152,10 +155,9 @@ def cam_maps(feature_map: Tensor, grads: Tensor, size: Sequence[int]) -> tuple[T
     alpha = grads / float(height * width)
     raw = torch.matmul(alpha, feature_map.flatten(2))
     raw = torch.relu(raw.reshape(raw.shape[0], raw.shape[1], height, width))
-    up = F.interpolate(raw, size=(int(size[0]), int(size[1])), mode="bilinear",
-                       align_corners=False)
+    up = F.interpolate(raw, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
     peak = up.amax(dim=(2, 3), keepdim=True)
-    return up / peak.clamp_min(CAM_EPS), raw
+    return up / peak.clamp_min(_peak_floor(up.dtype)), raw
 
 
 class WithCam(nn.Module):
@@ -174,6 +176,7 @@ class WithCam(nn.Module):
         self.model = model
         self.target: CamTarget = target
         self.include_raw = include_raw
+        self.train(model.training)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -202,6 +205,7 @@ class FusionWithCam(nn.Module):
         _check_target(target)
         self.model = model
         self.target: CamTarget = target
+        self.train(model.training)
 
     def forward(self, ct: Tensor, mr: Tensor, presence: Tensor) -> tuple[Tensor, ...]:
         model = self.model
@@ -266,9 +270,9 @@ def grad_cam(
 
     def on_forward(_module: nn.Module, _args: Any, output: Tensor) -> None:
         captured["activation"] = output
-        output.register_hook(keep_gradient)
+        output.register_hook(keep_gradient)  # type: ignore[no-untyped-call]
 
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     handle = target_layer.register_forward_hook(on_forward)
     try:
@@ -282,15 +286,17 @@ def grad_cam(
             else:
                 index = torch.as_tensor(list(class_index), dtype=torch.long)
             model.zero_grad(set_to_none=True)
-            scores.gather(1, index.reshape(-1, 1)).sum().backward()
+            scores.gather(1, index.reshape(-1, 1)).sum().backward()  # type: ignore[no-untyped-call]
     finally:
         handle.remove()
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     activation = captured["activation"].detach()
     alpha = captured["grad"].detach().mean(dim=(2, 3), keepdim=True)
     raw = torch.relu((alpha * activation).sum(dim=1, keepdim=True))
     out_size = tuple(size) if size is not None else tuple(inputs[0].shape[-2:])
-    up = F.interpolate(raw, size=(int(out_size[0]), int(out_size[1])), mode="bilinear",
-                       align_corners=False)
-    cam = up / up.amax(dim=(2, 3), keepdim=True).clamp_min(CAM_EPS)
+    up = F.interpolate(
+        raw, size=(int(out_size[0]), int(out_size[1])), mode="bilinear", align_corners=False
+    )
+    cam = up / up.amax(dim=(2, 3), keepdim=True).clamp_min(_peak_floor(up.dtype))
     return GradCamResult(cam=cam[:, 0], raw=raw[:, 0], class_index=index)

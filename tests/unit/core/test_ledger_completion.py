@@ -174,6 +174,8 @@ def test_expected_instances_evidence() -> None:
     assert expected_instances(nm)[0] == 1
     nm.NumberOfFrames = 1
     assert expected_instances(nm) == (64, "NumberOfSlices 64")
+    nm.NumberOfSlices = 1  # describes the object, not the series: no evidence
+    assert expected_instances(nm) == (None, None)
     ct = Dataset()
     ct.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     assert expected_instances(ct) == (None, None)
@@ -187,3 +189,26 @@ def test_patient_identifiers_are_hashed_with_a_salt(tmp_path: Path) -> None:
     assert a.hash_identifier("PAT1") == a.hash_identifier("PAT1")
     assert a.hash_identifier("PAT1") != b.hash_identifier("PAT1")
     assert "PAT1" not in a.hash_identifier("PAT1")
+
+
+def test_downtime_does_not_count_as_quiet(ledger: Ledger, clock: Clock) -> None:
+    t = tracker(ledger)
+    ledger.record_instance(rec("1.1"))
+    clock.now += 60  # the node was down for a minute
+    ledger.recover()
+    assert t.sweep() == []
+    clock.now += 10.1
+    assert [c.level for c in t.sweep()] == ["series"]
+
+
+def test_reopening_supersedes_queued_work_on_the_old_generation(ledger: Ledger,
+                                                                 clock: Clock) -> None:
+    t = tracker(ledger, [{"name": "dat", "match": {"Modality": "NM"}, "pipeline": "dat_spect"}])
+    ledger.record_instance(rec("1.1"))
+    clock.now += 11
+    t.sweep()
+    ledger.record_instance(rec("1.2"))
+    assert [j.state for j in ledger.jobs()] == ["superseded"]
+    clock.now += 11
+    t.sweep()
+    assert [(j.generation, j.state) for j in ledger.jobs()] == [(0, "superseded"), (1, "pending")]
