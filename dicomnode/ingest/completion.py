@@ -9,9 +9,9 @@ one ledger transaction, so a series is never complete-but-unrouted after a crash
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-
-from pydicom.dataset import Dataset
+from typing import Any
 
 from dicomnode.config import CompletionSettings
 from dicomnode.ingest.ledger import Ledger, SeriesRow
@@ -27,7 +27,7 @@ _WHOLE_SERIES_MULTIFRAME_CLASSES = {
 }
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(ds: Mapping[str, Any], keyword: str) -> int | None:
     try:
         value = int(ds.get(keyword) or 0)
     except (TypeError, ValueError):
@@ -35,7 +35,7 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     return value if value > 0 else None
 
 
-def expected_instances(ds: Dataset) -> tuple[int | None, str | None]:
+def expected_instances(ds: Mapping[str, Any]) -> tuple[int | None, str | None]:
     """How many instances this series should hold, when the data says so.
 
     * a multi-frame object of a class that carries a whole acquisition in one object
@@ -44,7 +44,7 @@ def expected_instances(ds: Dataset) -> tuple[int | None, str | None]:
     * ImagesInAcquisition, when the series is one acquisition.
     """
     frames = _int(ds, "NumberOfFrames")
-    sop_class = str(ds.get("SOPClassUID", ""))
+    sop_class = str(ds.get("SOPClassUID") or "")
     if frames and frames > 1 and sop_class in _WHOLE_SERIES_MULTIFRAME_CLASSES:
         slices = _int(ds, "NumberOfSlices")
         if sop_class != "1.2.840.10008.5.1.4.1.1.20" or (slices and frames >= slices):

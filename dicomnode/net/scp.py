@@ -12,9 +12,10 @@ import contextlib
 import logging
 import socket
 import sqlite3
+import struct
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import pynetdicom
 import pynetdicom.dimse_messages
@@ -26,7 +27,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicomnode.config import Settings
 from dicomnode.ingest.completion import expected_instances
 from dicomnode.ingest.ledger import InstanceRecord, Ledger
-from dicomnode.ingest.parse import DatasetRejected, read_instance
+from dicomnode.ingest.parse import DatasetRejected, header_tags, read_instance
 from dicomnode.ingest.spool import InstanceTooLarge, Spool, SpoolFull, SpoolTempFile
 from dicomnode.net.status import (
     REJECT_CALLED_AE,
@@ -35,7 +36,6 @@ from dicomnode.net.status import (
     Status,
 )
 from dicomnode.routing.router import routing_keywords
-from dicomnode.routing.rules import header_values
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,43 @@ TRANSFER_SYNTAXES = [
 ]
 
 _SPOOL_ATTR = "_dicomnode_spool"
+IMPLEMENTATION_CLASS_UID = "2.25.104137351963992213869696699188377389769"
+IMPLEMENTATION_VERSION = "DICOMNODE_010"
+
+
+class _FileMeta(NamedTuple):
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+
+
+def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHL", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    raw = value.encode("ascii", "replace")[:64]
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def encode_file_meta(meta: _FileMeta) -> bytes:
+    """Group 2 for a received instance, encoded directly (explicit VR little endian).
+
+    Building a pydicom FileMetaDataset and running its writer cost more per instance
+    than the fsyncs; the seven elements are simple enough to write by hand.
+    """
+    version = IMPLEMENTATION_VERSION.encode()
+    body = b"".join([
+        _element(2, 0x0001, b"OB", b"\x00\x01"),
+        _element(2, 0x0002, b"UI", _ui(meta.sop_class_uid)),
+        _element(2, 0x0003, b"UI", _ui(meta.sop_instance_uid)),
+        _element(2, 0x0010, b"UI", _ui(meta.transfer_syntax)),
+        _element(2, 0x0012, b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
+        _element(2, 0x0013, b"SH", version + b" " * (len(version) % 2)),
+    ])
+    return _element(2, 0x0000, b"UL", struct.pack("<L", len(body))) + body
 _install_lock = threading.Lock()
 _installed = False
 
@@ -87,6 +124,24 @@ def configure_pynetdicom() -> None:
             return original(*args, **kwargs)
 
         messages.NamedTemporaryFile = spool_temp_file
+        original_create = messages.create_file_meta
+        original_write = messages.write_file_meta_info
+
+        def create_file_meta(**kwargs: Any) -> Any:
+            if isinstance(getattr(getattr(threading.current_thread(), "assoc", None),
+                                  _SPOOL_ATTR, None), Spool):
+                return _FileMeta(str(kwargs["sop_class_uid"]), str(kwargs["sop_instance_uid"]),
+                                 str(kwargs["transfer_syntax"]))
+            return original_create(**kwargs)
+
+        def write_file_meta_info(fp: Any, file_meta: Any, *args: Any, **kwargs: Any) -> None:
+            if isinstance(file_meta, _FileMeta):
+                fp.write(encode_file_meta(file_meta))
+            else:
+                original_write(fp, file_meta, *args, **kwargs)
+
+        messages.create_file_meta = create_file_meta
+        messages.write_file_meta_info = write_file_meta_info
         _installed = True
 
 
@@ -113,6 +168,7 @@ class StoreSCP:
         self.ledger = ledger
         self.on_stored = on_stored
         self.keywords = routing_keywords(settings.routes)
+        self.header_tags = header_tags(self.keywords)
         node = settings.node
         ae = AE(ae_title=node.ae_title)
         ae.maximum_pdu_size = node.max_pdu_size
@@ -202,7 +258,8 @@ class StoreSCP:
             return int(Status.PROCESSING_FAILURE)
         try:
             header = read_instance(temp.path, affected_sop_class=req.AffectedSOPClassUID,
-                                   affected_sop_instance=req.AffectedSOPInstanceUID)
+                                   affected_sop_instance=req.AffectedSOPInstanceUID,
+                                   keep=self.header_tags)
         except DatasetRejected as rej:
             temp.discard()
             log.warning("store from %s rejected: %s", calling, rej.reason)
@@ -212,7 +269,7 @@ class StoreSCP:
         except SpoolFull as exc:
             log.error("store refused, disk full: %s", exc)
             return int(Status.OUT_OF_RESOURCES)
-        ds = header.dataset
+        ds = header.attrs
         patient = f"{ds.get('PatientID', '')}|{ds.get('IssuerOfPatientID', '')}"
         accession = str(ds.get("AccessionNumber", "") or "")
         expected, expected_by = expected_instances(ds)
@@ -229,7 +286,7 @@ class StoreSCP:
             size=stored.size,
             transfer_syntax=header.transfer_syntax_uid,
             calling_ae=calling,
-            attrs=header_values(ds, self.keywords),
+            attrs={k: ds[k] for k in self.keywords if k in ds},
             expected_count=expected,
             expected_by=expected_by,
         )
