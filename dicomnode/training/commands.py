@@ -11,7 +11,21 @@ through the spec, trains with :func:`~dicomnode.training.loop.fit`, picks operat
 points on validation and measures them on held-out test data, saves a checkpoint,
 exports a verified package (:func:`export_checkpoint`) and re-evaluates that package
 through the serving path (``apply_spec`` from the card + ONNX Runtime). To add a task,
-write its factories and call :func:`register_task` (see the ``pneumonia`` task below).
+write its factories and call :func:`register_task` (see the ``pneumonia`` task below)::
+
+    register_task(Task(
+        name="metastasis", summary="...", modality=("CT",),
+        class_names=("no-metastasis", "metastasis"), card=CardText(...), loss="bce",
+        spec=head_ct_spec,                       # options -> PreprocessSpec (hounsfield, ...)
+        datasets={"phantom": head_ct_phantoms,   # (options, spec) -> DatasetSplits
+                  "dicom-csv": _dicom_csv(("no-metastasis", "metastasis"))},
+        model=slice_classifier, train_config=classifier_config, export_wrapper=with_cam,
+    ))
+
+Everything else (CLI, checkpoint, export, card, serving check) comes with it. Tasks whose
+model is not a single-input slice classifier (MIL over a series, CT+MR fusion,
+CNN+BiLSTM) also set ``forward`` (how a batch reaches the model, passed to ``fit``) and
+their own ``export_wrapper``.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 from dicomnode.imaging import PreprocessSpec
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
 
     from dicomnode.inference.package import ModelPackage
     from dicomnode.training.datasets import DatasetSplits, SampleSet
@@ -143,7 +157,8 @@ class Task:
     * ``datasets[kind](options, spec)`` — train/val/test splits per ``--data`` kind;
     * ``model(options)`` — a fresh network (a ``GapClassifier`` for the shared export);
     * ``train_config(options)`` — the :class:`~dicomnode.training.loop.TrainConfig`;
-    * ``export_wrapper(model)`` — what is exported (default: logits + in-graph Grad-CAM).
+    * ``export_wrapper(model)`` — what is exported (default: logits + in-graph Grad-CAM);
+    * ``forward(model, batch)`` — how a batch reaches the model (default ``model(batch)``).
 
     ``class_names`` are in label order; with ``loss="bce"`` there are two and the
     single logit scores the second.
@@ -160,6 +175,7 @@ class Task:
     model: Callable[[TaskOptions], nn.Module] | None = None
     train_config: Callable[[TaskOptions], TrainConfig] | None = None
     export_wrapper: Callable[[nn.Module], nn.Module] | None = None
+    forward: Callable[[nn.Module, Tensor], Tensor] | None = None
     input_name: str = "image"
     package_name: str = ""
 
@@ -425,9 +441,10 @@ def train_task(
     torch.manual_seed(options.seed)
     model = task.model(options)
     result = fit(model, (x_train, y_train), (x_val, y_val), config, loss_kind=task.loss,
-                 n_classes=len(task.class_names), stream=stream)
-    val_scores = predict_scores(result.model, x_val, loss_kind=task.loss)
-    test_scores = predict_scores(result.model, x_test, loss_kind=task.loss)
+                 n_classes=len(task.class_names), forward=task.forward, stream=stream)
+    val_scores = predict_scores(result.model, x_val, loss_kind=task.loss, forward=task.forward)
+    test_scores = predict_scores(result.model, x_test, loss_kind=task.loss,
+                                 forward=task.forward)
     thresholds: dict[str, float] = {}
     if task.loss == "bce":
         chosen = choose_thresholds(y_val, val_scores,
@@ -539,10 +556,11 @@ def _cross_validate(
         torch.manual_seed(options.seed)
         model = task.model(options)  # type: ignore[misc]
         fit(model, (x[train_index], y[train_index]), (x[val_index], y[val_index]),
-            fold_config, loss_kind=task.loss, n_classes=len(task.class_names), stream=None)
+            fold_config, loss_kind=task.loss, n_classes=len(task.class_names),
+            forward=task.forward, stream=None)
         if stream is not None:
             stream.write(f"cross-validation fold done ({len(val_index)} held out)\n")
-        return predict_scores(model, x[val_index], loss_kind=task.loss)
+        return predict_scores(model, x[val_index], loss_kind=task.loss, forward=task.forward)
 
     report = cross_validate(fit_predict, y, patients, class_names=splits.class_names,
                             k=options.folds, seed=options.seed,
@@ -888,3 +906,8 @@ def register(sub: Any) -> None:
     p.add_argument("--name")
     p.add_argument("--version")
     p.set_defaults(func=cmd_export)
+
+
+# Task modules register themselves on import, replacing the placeholders above. Imported
+# last so they can use everything this module defines.
+from dicomnode.training import tasks_brain, tasks_dat, tasks_metastasis  # noqa: E402, F401
