@@ -120,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dicomnode.demo import run_demo
 
     _setup_logging("DEBUG" if args.debug else "WARNING")
-    return int(run_demo(Path(args.workdir), n=args.n, seed=args.seed))
+    return int(run_demo(Path(args.workdir), n=args.n, seed=args.seed, keep=args.keep))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="./var/demo")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--keep", action="store_true", help="keep the PACS running afterwards")
     p.set_defaults(func=cmd_demo)
 
     from dicomnode.training.commands import register as register_training

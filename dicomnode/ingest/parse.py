@@ -364,7 +364,7 @@ def decode_elements(elements: dict[int, tuple[str, bytes]], *, little: bool) -> 
             elif charsets == ["ISO_IR 192"]:
                 text = raw.decode("utf-8", "replace")
             else:
-                text = decode_bytes(raw, charsets, {"0008,0005"})
+                text = decode_bytes(raw, charsets, set(b"\\^=\r\n\t\f"))
             text = text.rstrip(" \0")
             if vr in _SINGLE_VALUE_TEXT:
                 values: list[Any] = [text]

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 def _child_main(conn: Connection, log_level: str) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s worker %(levelname)s %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # logs UIDs per copied module
     while True:
         try:
             spec = conn.recv()

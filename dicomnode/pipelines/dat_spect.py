@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
@@ -21,7 +22,7 @@ from dicomnode.pipelines import dat_quant
 from dicomnode.pipelines.base import PipelineInput, PipelineResult
 from dicomnode.results import codes
 from dicomnode.results.common import AlgorithmInfo
-from dicomnode.results.sc import build_secondary_capture, burn_caption, draw_regions
+from dicomnode.results.sc import build_secondary_capture, draw_regions
 from dicomnode.results.sr import (
     Analysed,
     Evaluation,
@@ -42,6 +43,8 @@ PUTAMEN_CAUDATE_RATIO = codes.local_code("DN-PCR", "Putamen to caudate ratio")
 ASYMMETRY_INDEX = codes.local_code("DN-AI", "Asymmetry index")
 
 NM_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
+_COLOURS = {"caudate_left": (0, 220, 0), "caudate_right": (0, 220, 0),
+            "putamen_left": (255, 220, 0), "putamen_right": (255, 220, 0)}
 MIN_SLICES = 24
 
 _REGIONS: dict[str, tuple[Code, Code]] = {
@@ -65,10 +68,9 @@ def input_problem(datasets: Sequence[Dataset]) -> str | None:
     image_type = [str(v).upper() for v in (datasets[0].get("ImageType") or [])]
     if "RECON TOMO" not in image_type and "TOMO" not in image_type:
         return "not a reconstructed tomographic (SPECT) image (ImageType lacks RECON TOMO)"
-    if len(datasets) == 1:
+    slices = len(datasets)
+    if slices == 1:
         slices = int(datasets[0].get("NumberOfFrames", 1) or 1)
-    else:
-        slices = len(datasets)
     if slices < MIN_SLICES:
         return f"only {slices} slices; at least {MIN_SLICES} are needed to cover the striata"
     return None
@@ -160,14 +162,25 @@ class DatSpectPipeline:
         return groups
 
     @staticmethod
-    def _picture(q: dat_quant.DatQuantResult) -> np.ndarray:
-        slab = np.asarray(q.slab, dtype=np.float64)
-        top = float(np.percentile(slab, 99.5)) or 1.0
-        grey = np.clip(slab / top * 255.0, 0, 255).astype(np.uint8)
+    def _picture(q: dat_quant.DatQuantResult, width: int = 512) -> np.ndarray:
+        """The slab enlarged smoothly to ``width`` with the regions outlined at that size.
+
+        The slab is a few dozen voxels across; drawing on it and then enlarging would
+        give blocky outlines and unreadable labels, so the picture is enlarged first.
+        """
+        slab = np.asarray(q.slab, dtype=np.float32)
+        height = max(1, round(slab.shape[0] * width / slab.shape[1]))
+        big = cv2.resize(slab, (width, height), interpolation=cv2.INTER_CUBIC)
+        top = float(np.percentile(big, 99.5)) or 1.0
+        grey = np.clip(big / top * 255.0, 0, 255).astype(np.uint8)
         rgb = np.repeat(grey[..., None], 3, axis=2)
-        labels = {k: f"{k.split('_')[0][:3].upper()} {q.sbr.get(k, 0.0):.2f}"
-                  for k in q.regions_2d}
-        return burn_caption(draw_regions(rgb, q.regions_2d, labels=labels), [])
+        masks = {k: cv2.resize(m.astype(np.uint8), (width, height),
+                               interpolation=cv2.INTER_NEAREST).astype(bool)
+                 for k, m in q.regions_2d.items() if k in _COLOURS}
+        colours = {k: _COLOURS[k] for k in masks}
+        labels = {k: f"{'R' if k.endswith('right') else 'L'} {q.sbr.get(k, 0.0):.2f}"
+                  for k in masks}
+        return draw_regions(rgb, masks, colours, labels)
 
     @staticmethod
     def _caption(q: dat_quant.DatQuantResult) -> list[str]:
@@ -177,5 +190,6 @@ class DatSpectPipeline:
             f"caudate L {s['caudate_left']:.2f} R {s['caudate_right']:.2f}",
             f"Putamen/caudate {q.putamen_caudate_ratio:.2f}; putamen asymmetry "
             f"{q.asymmetry_index_putamen:.0f} %; call: {q.call.upper()}",
-            "Image left = patient right (radiological convention)",
+            "Outlines: caudate green, putamen yellow; labels are SBRs. "
+            "Image left = patient right.",
         ]

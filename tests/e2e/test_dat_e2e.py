@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,10 @@ def _results_in(orthanc: Orthanc, study_uid: str) -> list[dict[str, Any]]:
         if str(tags.get("SeriesDescription", "")).startswith("AI "):
             out.append({"id": item["ID"], **tags})
     return out
+
+
+def _has_running_job(node: NodeProcess) -> bool:
+    return bool(node.status()["counts"]["jobs"].get("running", 0) > 0)
 
 
 def _outbox_drained(node: NodeProcess, expected: int) -> bool:
@@ -184,8 +189,7 @@ def test_sigkill_during_ingest_and_analysis_loses_nothing_and_sends_once(
         thread.join(300)
         assert done.is_set() and len(sender.acked) == len(files)
         for _ in range(2):  # during analysis: kill while a job runs
-            wait_for(lambda: node.status()["counts"]["jobs"].get("running", 0) > 0, 120,
-                     "a running job")
+            wait_for(partial(_has_running_job, node), 120, "a running job")
             node.stop(signal.SIGKILL)
             kills += 1
             node = start_node(tmp_path / "node", config)
