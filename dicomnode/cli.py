@@ -81,7 +81,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not (settings.spool_dir / LEDGER_NAME).exists():
         raise CliError(f"no ledger at {settings.spool_dir / LEDGER_NAME}: has the node run?")
-    ledger = open_ledger(settings)
+    ledger = open_ledger(settings, readonly=True)
     counts = ledger.counts()
     failures = ledger.failures()
     unmatched = len(ledger.unmatched_series(1000))

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 LEDGER_NAME = "ledger.sqlite3"
 
 
-def open_ledger(settings: Settings, clock: Callable[[], float] = time.time) -> Ledger:
-    return Ledger(settings.spool_dir / LEDGER_NAME, clock=clock)
+def open_ledger(settings: Settings, clock: Callable[[], float] = time.time,
+                readonly: bool = False) -> Ledger:
+    return Ledger(settings.spool_dir / LEDGER_NAME, clock=clock, readonly=readonly)
 
 
 class Node:

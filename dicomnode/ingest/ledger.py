@@ -234,11 +234,19 @@ class NewJob:
 class Ledger:
     """Thread-safe access to the ledger database; one connection per thread."""
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
+                 readonly: bool = False) -> None:
+        """Open (and create) the ledger; ``readonly`` for reporting while a node runs,
+        which must work even when the disk is full."""
         self.path = path
         self.clock = clock
+        self.readonly = readonly
         self._local = threading.local()
         self._write_lock = threading.Lock()
+        if readonly:
+            self._salt = str(self._conn().execute(
+                "SELECT value FROM meta WHERE key='salt'").fetchone()[0])
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
         conn.executescript(_SCHEMA)
@@ -251,6 +259,10 @@ class Ledger:
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None and self.readonly:
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                   timeout=30.0, isolation_level=None, check_same_thread=False)
+            self._local.conn = conn
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
                                    check_same_thread=False)

@@ -294,6 +294,9 @@ class StoreSCP:
             outcome = self.ledger.record_instance(record)
         except sqlite3.OperationalError as exc:
             log.error("ledger write failed, refusing the instance: %s", exc)
+            if stored.created:  # unrecorded bytes would be an orphan nobody knows of
+                with contextlib.suppress(OSError):
+                    self.spool.path(stored.relpath).unlink()
             full = "full" in str(exc).lower()
             return int(Status.OUT_OF_RESOURCES if full else Status.PROCESSING_FAILURE)
         log.debug("stored %s (%s, %d bytes, %s) from %s", stored.sha256[:12],

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
@@ -46,9 +47,11 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 from dicomnode.imaging import PreprocessSpec
 
 if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
     from torch import Tensor, nn
 
-    from dicomnode.inference.package import ModelPackage
+    from dicomnode.inference.package import Metric, ModelPackage
     from dicomnode.training.datasets import DatasetSplits, SampleSet
     from dicomnode.training.evaluate import CrossValidationReport, EvaluationReport
     from dicomnode.training.export import WrittenPackage
@@ -116,6 +119,8 @@ class TaskOptions:
     progress: bool = True
     device: str = "cpu"
     folds: int = 0
+    calibration: str = "none"
+    point_names: str = ""
 
     def resolved(self) -> TaskOptions:
         n_val = self.n_val if self.n_val is not None else max(16, self.n_train // 4)
@@ -147,6 +152,11 @@ class CardText:
 
 
 DatasetFactory = Callable[[TaskOptions, PreprocessSpec], "DatasetSplits"]
+Aggregate = Callable[["SampleSet", "NDArray[np.float64]"],
+                     "tuple[NDArray[np.int64], NDArray[np.float64]]"]
+#: Card wording for packages trained on phantoms (prefixed to the task's intended use).
+SYNTHETIC_USE = ("Trained on synthetic phantoms: for demonstration and integration testing "
+                 "only, not for clinical use.")
 
 
 @dataclass(frozen=True)
@@ -158,7 +168,15 @@ class Task:
     * ``model(options)`` — a fresh network (a ``GapClassifier`` for the shared export);
     * ``train_config(options)`` — the :class:`~dicomnode.training.loop.TrainConfig`;
     * ``export_wrapper(model)`` — what is exported (default: logits + in-graph Grad-CAM);
-    * ``forward(model, batch)`` — how a batch reaches the model (default ``model(batch)``).
+    * ``forward(model, batch)`` — how a batch reaches the model (default ``model(batch)``);
+    * ``aggregate(samples, scores)`` — per-sample scores (logits or probabilities) to
+      per-patient ``(labels, scores)``, e.g. MIL max pooling of a slice model: metrics,
+      thresholds and calibration are then patient-level (default: per sample);
+    * ``package_metrics(package, options)`` — extra card metrics measured on the served
+      package after export (e.g. heat-map localisation on phantoms).
+    * ``trainer(task, options, models_dir, name, version)`` — replaces the shared recipe
+      for a task it does not fit (several inputs, auxiliary heads, calibration through
+      a per-series rule); it returns the same :class:`TrainingOutcome`.
 
     ``class_names`` are in label order; with ``loss="bce"`` there are two and the
     single logit scores the second.
@@ -176,6 +194,9 @@ class Task:
     train_config: Callable[[TaskOptions], TrainConfig] | None = None
     export_wrapper: Callable[[nn.Module], nn.Module] | None = None
     forward: Callable[[nn.Module, Tensor], Tensor] | None = None
+    aggregate: Aggregate | None = None
+    package_metrics: Callable[[ModelPackage, TaskOptions], Sequence[Metric]] | None = None
+    trainer: Callable[[Task, TaskOptions, Path, str | None, str], TrainingOutcome] | None = None
     input_name: str = "image"
     package_name: str = ""
 
@@ -311,6 +332,12 @@ def with_cam(model: nn.Module) -> nn.Module:
     return WithCam(model, "all")
 
 
+def _pneumonia_heatmaps(package: ModelPackage, options: TaskOptions) -> Sequence[Metric]:
+    from dicomnode.training.heatmap_eval import pneumonia_heatmap_metrics
+
+    return pneumonia_heatmap_metrics(package, options)
+
+
 register_task(Task(
     name="pneumonia",
     summary="pneumonia vs normal on frontal chest radiographs (CR/DX)",
@@ -338,6 +365,7 @@ register_task(Task(
     model=slice_classifier,
     train_config=classifier_config,
     export_wrapper=with_cam,
+    package_metrics=_pneumonia_heatmaps,
     package_name="pneumonia-cxr",
 ))
 
@@ -374,7 +402,18 @@ def _stream(options: TaskOptions) -> TextIO | None:
     return sys.stderr if options.progress else None
 
 
+# Task modules register themselves on import, replacing the placeholders above. They are
+# imported when a task is needed, not with the CLI: `dicomnode serve` never pays for them.
+_TASK_MODULES = ("tasks_metastasis", "tasks_brain", "tasks_dat")
+
+
+def load_task_modules() -> None:
+    for module in _TASK_MODULES:
+        importlib.import_module(f"dicomnode.training.{module}")
+
+
 def _task(name: str) -> Task:
+    load_task_modules()
     task = TASKS.get(name)
     if task is None:
         raise TrainingRunError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
@@ -415,6 +454,8 @@ def train_task(
 
     started = time.perf_counter()
     task = _task(task_name)
+    if task.trainer is not None:
+        return task.trainer(task, options.resolved(), models_dir, name, version)
     assert task.spec and task.model and task.train_config
     options = options.resolved()
     if options.data not in task.datasets:
@@ -442,23 +483,42 @@ def train_task(
     model = task.model(options)
     result = fit(model, (x_train, y_train), (x_val, y_val), config, loss_kind=task.loss,
                  n_classes=len(task.class_names), forward=task.forward, stream=stream)
+    calibration = None
+    if options.calibration != "none":
+        from dicomnode.training.calibration import CalibrationError, calibrate_model
+
+        if options.calibration not in ("temperature", "platt") or task.loss != "bce":
+            raise TrainingRunError("--calibration is none, temperature or platt (for "
+                                   "single-logit tasks)")
+        try:
+            calibration = calibrate_model(
+                result.model, x_val, lambda z: _pooled(task, splits.val, y_val, z),
+                method="platt" if options.calibration == "platt" else "temperature",
+                forward=task.forward)
+        except CalibrationError as exc:
+            raise TrainingRunError(f"calibration on the validation set failed: {exc}") from exc
     val_scores = predict_scores(result.model, x_val, loss_kind=task.loss, forward=task.forward)
     test_scores = predict_scores(result.model, x_test, loss_kind=task.loss,
                                  forward=task.forward)
+    y_val, val_scores = _pooled(task, splits.val, y_val, val_scores)
+    y_test, test_scores = _pooled(task, held_out, y_test, test_scores)
     thresholds: dict[str, float] = {}
     if task.loss == "bce":
         chosen = choose_thresholds(y_val, val_scores,
                                    sensitivity_target=options.sensitivity_target)
-        thresholds = {k: c.threshold for k, c in chosen.items()}
-    test_name = (f"held-out test set (n={len(held_out)})" if test is not None else
-                 f"validation set, no test set (n={len(held_out)})")
+        thresholds = _named_points({k: c.threshold for k, c in chosen.items()},
+                                   options.point_names)
+    unit = f" patients, {len(held_out)} samples" if task.aggregate is not None else ""
+    test_name = (f"held-out test set (n={len(y_test)}{unit})" if test is not None else
+                 f"validation set, no test set (n={len(y_test)}{unit})")
+    val_unit = f" patients, {len(splits.val)} samples" if task.aggregate is not None else ""
     val_report = evaluate(y_val, val_scores, class_names=splits.class_names,
-                          dataset=f"validation set (n={len(splits.val)})",
+                          dataset=f"validation set (n={len(y_val)}{val_unit})",
                           n_boot=min(500, options.n_boot), seed=options.seed,
                           sensitivity_target=options.sensitivity_target)
     test_report = evaluate(y_test, test_scores, class_names=splits.class_names,
                            dataset=test_name, thresholds=thresholds,
-                           thresholds_from=f"validation set (n={len(splits.val)})",
+                           thresholds_from=f"validation set (n={len(y_val)}{val_unit})",
                            n_boot=options.n_boot, seed=options.seed,
                            sensitivity_target=options.sensitivity_target)
     package_name = name or task.default_package_name
@@ -486,6 +546,10 @@ def train_task(
         "validation_auc": _json_number(val_report.auc.value),
         "thresholds_from": "validation",
     }
+    if calibration is not None:
+        training["calibration"] = calibration.to_dict()
+    if task.aggregate is not None:
+        training["evaluation_unit"] = "patient (per-sample scores pooled by the task)"
     if cross_validation is not None:
         training["cross_validation"] = {
             "k": cross_validation.k, "fold_auc": cross_validation.fold_aucs.tolist(),
@@ -519,7 +583,7 @@ def train_task(
     written = export_checkpoint(checkpoint, models_dir, name=package_name, version=version)
     serving: EvaluationReport | None = None
     if task.loss == "bce" and test_report.auc.defined:
-        serving = _serving_check(written.package, held_out, test_report, options)
+        serving = _serving_check(task, written.package, held_out, test_report, options)
     return TrainingOutcome(written.package, checkpoint, test_report, val_report, serving,
                            time.perf_counter() - started, cross_validation)
 
@@ -574,14 +638,67 @@ def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _serving_check(package: ModelPackage, held_out: SampleSet, torch_report: EvaluationReport,
-                   options: TaskOptions) -> EvaluationReport:
+def _pooled(task: Task, samples: SampleSet, labels: NDArray[np.int64],
+            scores: NDArray[np.float64]) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """The (labels, scores) a task's metrics are computed on (per patient for MIL)."""
+    if task.aggregate is None:
+        return labels, scores
+    return task.aggregate(samples, scores)
+
+
+def _named_points(thresholds: dict[str, float], names: str) -> dict[str, float]:
+    """``--point-names balanced,screening`` renames (F1-optimal, sensitivity-target)."""
+    if not names:
+        return thresholds
+    chosen = [n.strip() for n in names.split(",")]
+    if len(chosen) != 2 or len(set(chosen)) != 2 or not all(chosen):
+        raise TrainingRunError("--point-names needs two different names: F1-optimal first, "
+                               "then the sensitivity-target point (e.g. balanced,screening)")
+    if len(thresholds) != 2:
+        return thresholds
+    return dict(zip(chosen, thresholds.values(), strict=True))
+
+
+def _evaluate_served(task: Task, package: ModelPackage, samples: SampleSet, *, dataset: str,
+                     sensitivity_target: float, n_boot: int, seed: int,
+                     min_per_class: int | None = None) -> EvaluationReport:
+    """``evaluate_package``, pooled per patient first when the task aggregates."""
+    from dicomnode.training.evaluate import (
+        MIN_PER_CLASS,
+        evaluate,
+        evaluate_package,
+        score_package,
+    )
+
+    floor = MIN_PER_CLASS if min_per_class is None else min_per_class
+    if task.aggregate is None:
+        return evaluate_package(package, samples, dataset=dataset,
+                                sensitivity_target=sensitivity_target, n_boot=n_boot,
+                                seed=seed, min_per_class=floor)
+    scored = score_package(package, samples)
+    labels, scores = task.aggregate(samples, scored.scores)
+    card = package.card
+    points = {p.name: p.threshold for p in card.operating_points
+              if p.output == scored.output and p.scale == "probability"}
+    report = evaluate(labels, scores, class_names=samples.class_names, dataset=dataset,
+                      thresholds=points, thresholds_from=f"model card {card.name} {card.version}",
+                      sensitivity_target=sensitivity_target, n_boot=n_boot, seed=seed,
+                      min_per_class=floor)
+    extra = {**report.extra, "model": card.name, "version": card.version,
+             "sha256": card.sha256, "provider": scored.provider,
+             "preprocessing_fingerprint": scored.spec_fingerprint,
+             "unit": "patient", "samples": len(samples)}
+    return dataclasses.replace(report, extra=extra)
+
+
+def _serving_check(task: Task, package: ModelPackage, held_out: SampleSet,
+                   torch_report: EvaluationReport, options: TaskOptions) -> EvaluationReport:
     """Re-score the held-out set through the package as served; refuse a disagreement."""
-    from dicomnode.training.evaluate import evaluate_package, write_plots
+    from dicomnode.training.evaluate import write_plots
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = evaluate_package(package, held_out, dataset=torch_report.dataset,
+        report = _evaluate_served(task, package, held_out, dataset=torch_report.dataset,
                                   sensitivity_target=options.sensitivity_target,
                                   n_boot=options.n_boot, seed=options.seed)
     difference = abs(report.auc.value - torch_report.auc.value)
@@ -658,19 +775,28 @@ def export_checkpoint(
         training_data=TrainingData(training["description"], training["cases"],
                                    tuple(training["sources"]), bool(training["synthetic"])),
         metrics=[Metric(**m) for m in card["metrics"]],
-        intended_use=task.card.intended_use,
+        intended_use=(f"{SYNTHETIC_USE} {task.card.intended_use}" if training["synthetic"]
+                      else task.card.intended_use),
         input_descriptions={task.input_name: task.card.input_description},
         limitations=tuple(card["limitations"]),
     )
     extra = {**provenance, "checkpoint_sha256": sha256_file(checkpoint)}
-    return dataclasses.replace(written, package=_amend_provenance(written.package, extra))
+    package = _amend_provenance(written.package, extra)
+    if task.package_metrics is not None:
+        measured = task.package_metrics(package, options)
+        if measured:
+            package = _amend_provenance(package, {}, metrics=measured)
+    return dataclasses.replace(written, package=package)
 
 
-def _amend_provenance(package: ModelPackage, extra: Mapping[str, Any]) -> ModelPackage:
-    """Add training provenance to a written card (the ONNX sha256 is unaffected)."""
+def _amend_provenance(package: ModelPackage, extra: Mapping[str, Any],
+                      metrics: Sequence[Metric] = ()) -> ModelPackage:
+    """Add training provenance (and metrics measured on the written package) to its card
+    (the ONNX sha256 is unaffected)."""
     from dicomnode.inference.package import load_package
 
-    card = dataclasses.replace(package.card, provenance={**package.card.provenance, **extra})
+    card = dataclasses.replace(package.card, provenance={**package.card.provenance, **extra},
+                               metrics=(*package.card.metrics, *metrics))
     temporary = package.card_path.with_name(f".{package.card_path.name}.tmp")
     temporary.write_text(card.to_yaml(), encoding="utf-8")
     os.replace(temporary, package.card_path)
@@ -693,7 +819,6 @@ def evaluate_model(
     was used in training is refused, since that measures memory.
     """
     from dicomnode.inference.package import load_package
-    from dicomnode.training.evaluate import evaluate_package
 
     package = load_package(package_dir)
     card = package.card
@@ -727,7 +852,7 @@ def evaluate_model(
         label = f"{part} part of {samples.description}"
     if samples is None or not len(samples):
         raise TrainingRunError("no samples to evaluate")
-    return evaluate_package(package, samples, dataset=f"{label} (n={len(samples)})",
+    return _evaluate_served(task, package, samples, dataset=f"{label} (n={len(samples)})",
                             sensitivity_target=options.sensitivity_target,
                             n_boot=options.n_boot, seed=options.seed,
                             min_per_class=min_per_class)
@@ -849,11 +974,9 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
 
 def register(sub: Any) -> None:
     """Add the training subcommands to the main parser's subparsers."""
-    implemented = sorted(n for n, t in TASKS.items() if t.implemented)
-    planned = sorted(n for n, t in TASKS.items() if not t.implemented)
     p = sub.add_parser(
         "train", help="train a bundled analysis and write a model package",
-        description=f"Tasks: {', '.join(implemented)} (planned: {', '.join(planned)}).")
+        description=f"Tasks: {', '.join(sorted(TASKS))}.")
     p.add_argument("task", help=f"one of {', '.join(sorted(TASKS))}")
     p.add_argument("--out", required=True, help="models folder; the package is OUT/NAME/")
     p.add_argument("--name", help="package name (default: the task's)")
@@ -882,6 +1005,11 @@ def register(sub: Any) -> None:
     p.add_argument("--folds", type=int,
                    help="also run K-fold cross-validation by patient over train+val")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--calibration", choices=("none", "temperature", "platt"),
+                   help="fit a logit calibration on validation and fold it into the model")
+    p.add_argument("--point-names", dest="point_names",
+                   help="names for the F1-optimal and sensitivity-target operating points "
+                        "(default f1-optimal,sensitivity-<target>), e.g. balanced,screening")
     p.add_argument("--device", help="torch device for training: cpu (default), cuda, cuda:1")
     p.add_argument("--no-progress", dest="no_progress", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -907,7 +1035,3 @@ def register(sub: Any) -> None:
     p.add_argument("--version")
     p.set_defaults(func=cmd_export)
 
-
-# Task modules register themselves on import, replacing the placeholders above. Imported
-# last so they can use everything this module defines.
-from dicomnode.training import tasks_brain, tasks_dat, tasks_metastasis  # noqa: E402, F401
