@@ -57,9 +57,11 @@ Two kinds of number are recorded in :class:`DatTruth`:
     (the two sides averaged first), ``asymmetry_index_*`` = |L - R| / ((L + R) / 2) * 100.
 
 The ``call`` is the clinical label the phantom was built with: ``healthy`` subjects are
-"normal" and ``pd`` subjects "reduced". The two populations are separated (the least
-affected PD putamen keeps at most ~70 % of normal binding, below the healthy range), as
-clinical DaT loss at symptom onset is already 40-60 % in the posterior putamen.
+"normal" and ``pd`` subjects "reduced". The populations are separated on the worse
+putamen (at most 45 % of normal binding in PD, at least ~75 % in healthy subjects; the
+better PD side keeps up to 70 %), as clinical DaT loss at symptom onset is already
+40-60 % in the posterior putamen. Borderline ("scans without evidence of dopaminergic
+deficit", early unilateral disease) are deliberately not simulated.
 
 DICOM
 -----
@@ -68,7 +70,11 @@ one NM Image Storage object with the slices as frames (``RECON TOMO``, the way g
 camera workstations export reconstructions) or as one single-frame NM object per slice.
 Every UID comes from ``generate_uid`` with entropy from the seed, the phantom index and
 the object's role, and dates are derived from the seed, so the same seed writes the same
-bytes. The radiopharmaceutical is coded as SCT 429296007 "Ioflupane I^123^" (DICOM
+bytes. Patients are obviously synthetic (``PHANTOM^DAT^0007``, ID ``PHANTOM-DAT-<seed>-
+<index>``). Slices are transaxial (ImageOrientationPatient 1\0\0\0\1\0, in the Detector
+Information Sequence as NM requires), frames run inferior to superior along the slice
+normal from the first frame's ImagePositionPatient, and pixels are unsigned 16-bit counts
+(no rescale needed). The radiopharmaceutical is coded as SCT 429296007 "Ioflupane I^123^" (DICOM
 CID 25) and the radionuclide as SCT 21572004 "^123^Iodine" (CID 18).
 """
 
@@ -146,11 +152,17 @@ def rotation_matrix(yaw_deg: float, pitch_deg: float, roll_deg: float) -> FloatA
     rz = np.array([[math.cos(y), -math.sin(y), 0.0], [math.sin(y), math.cos(y), 0.0], [0, 0, 1]])
     rx = np.array([[1, 0, 0], [0.0, math.cos(p), -math.sin(p)], [0.0, math.sin(p), math.cos(p)]])
     ry = np.array([[math.cos(r), 0.0, math.sin(r)], [0, 1, 0], [-math.sin(r), 0.0, math.cos(r)]])
-    return rz @ rx @ ry
+    return np.asarray(rz @ rx @ ry)
 
 
 def _rz(deg: float) -> FloatArray:
     return rotation_matrix(deg, 0.0, 0.0)
+
+
+def _times3(v: FloatArray, m: FloatArray) -> FloatArray:
+    """``v @ m`` for points (..., 3) and a 3x3 matrix without BLAS, whose threads cost far
+    more than these thin products on a busy machine."""
+    return np.asarray(v[..., :1] * m[0] + v[..., 1:2] * m[1] + v[..., 2:] * m[2])
 
 
 @dataclass(frozen=True)
@@ -161,8 +173,10 @@ class _Ellipsoid:
 
     def local(self, a: FloatArray) -> FloatArray:
         """Points (..., 3) in the ellipsoid's own frame, scaled so the surface is radius 1."""
-        rot = _rz(self.yaw_deg)
-        return ((a - np.asarray(self.centre)) @ rot) / np.asarray(self.axes)
+        d = a - np.asarray(self.centre)
+        if self.yaw_deg:
+            d = _times3(d, _rz(self.yaw_deg))
+        return np.asarray(d / np.asarray(self.axes))
 
     def inside(self, a: FloatArray) -> NDArray[np.bool_]:
         q = self.local(a)
@@ -173,7 +187,7 @@ class _Ellipsoid:
         q = self.local(a)
         r = np.sqrt(np.einsum("...i,...i->...", q, q)) + 1e-9
         dist = (r - 1.0) * np.linalg.norm(q * np.asarray(self.axes), axis=-1) / r
-        return np.clip(0.5 - dist / voxel_mm, 0.0, 1.0)
+        return np.asarray(np.clip(0.5 - dist / voxel_mm, 0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -191,11 +205,18 @@ class _Tube:
         p0, p1, p2 = (np.asarray(p) for p in (self.p0, self.p1, self.p2))
         curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
         radius = self.r0 + (self.r2 - self.r0) * t[:, 0]
-        inside = np.zeros(a.shape[:-1], dtype=bool)
-        for point, r in zip(curve, radius, strict=True):
-            d = a - point
-            inside |= np.einsum("...i,...i->...", d, d) <= r * r
-        return inside
+        flat = a.reshape(-1, 3)
+        near = np.all(
+            (flat >= curve.min(0) - radius.max()) & (flat <= curve.max(0) + radius.max()), axis=1
+        )
+        pts = flat[near]
+        # |a - c|^2 - r^2 for every curve point c at once
+        cross = pts[:, :1] * curve[:, 0] + pts[:, 1:2] * curve[:, 1] + pts[:, 2:] * curve[:, 2]
+        offset = np.einsum("ij,ij->i", curve, curve) - radius**2
+        margin = (offset - 2.0 * cross).min(axis=1) + np.einsum("ij,ij->i", pts, pts)
+        out = np.zeros(flat.shape[0], dtype=bool)
+        out[near] = margin <= 0.0
+        return out.reshape(a.shape[:-1])
 
 
 @dataclass(frozen=True)
@@ -288,11 +309,11 @@ class _Placement:
         return -0.5 * self.voxel_mm * np.array([nx - 1, ny - 1, nz - 1], dtype=float)
 
     def to_anatomy(self, p: FloatArray) -> FloatArray:
-        return np.asarray(((p - self.origin_mm) @ self.rotation) / self.scale)
+        return _times3(p - self.origin_mm, self.rotation) / self.scale
 
-    def voxel_box(self, lo: Sequence[float], hi: Sequence[float], margin_mm: float) -> tuple[
-        slice, slice, slice
-    ]:
+    def voxel_box(
+        self, lo: Sequence[float], hi: Sequence[float], margin_mm: float
+    ) -> tuple[slice, slice, slice]:
         """Voxel index slices (z, y, x) covering an anatomical box plus a margin."""
         corners = np.array(
             [[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
@@ -366,7 +387,7 @@ def gaussian_blur(volume: FloatArray, sigma_vox: Sequence[float]) -> FloatArray:
         n = out.shape[axis]
         idx = np.arange(n)
         d = idx[:, None] - idx[None, :]
-        radius = int(math.ceil(4 * sigma))
+        radius = math.ceil(4 * sigma)
         k = np.exp(-0.5 * (d / sigma) ** 2) * (np.abs(d) <= radius)
         k /= np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2).sum()
         out = np.moveaxis(np.tensordot(k, np.moveaxis(out, axis, 0), axes=(1, 0)), 0, axis)
@@ -383,29 +404,34 @@ class _Binding:
     gradient: dict[str, float]  # posterior loss fraction g: posterior end = (1 - g) * anterior
 
 
-def _binding(rng: np.random.Generator, condition: str, worse_side: str | None) -> tuple[
-    _Binding, str | None
-]:
+def _binding(
+    rng: np.random.Generator, condition: str, worse_side: str | None
+) -> tuple[_Binding, str | None]:
+    """Specific binding per structure; draws the same numbers whatever the condition."""
     individual = rng.uniform(0.8, 1.15)
     asym = {side: float(1 + np.clip(rng.normal(0, 0.03), -0.06, 0.06)) for side in SIDES}
+    healthy_gradient = {s: float(rng.uniform(0.0, 0.15)) for s in SIDES}
+    drawn_worse = "left" if rng.random() < 0.5 else "right"
+    put_worse = float(rng.uniform(0.12, 0.45))
+    put_gap = float(rng.uniform(0.1, 0.35))
+    cau_worse = float(rng.uniform(0.5, 0.9))
+    cau_gap = float(rng.uniform(0.0, 0.2))
+    pd_gradient = float(rng.uniform(0.4, 0.9))
+
     caudate = {s: _CAUDATE_BINDING * individual * asym[s] for s in SIDES}
     putamen = {s: _PUTAMEN_BINDING * individual * asym[s] for s in SIDES}
-    gradient = {s: float(rng.uniform(0.0, 0.15)) for s in SIDES}
     if condition == "healthy":
-        return _Binding(caudate, putamen, gradient), None
-    worse = worse_side or ("left" if rng.random() < 0.5 else "right")
+        return _Binding(caudate, putamen, healthy_gradient), None
+    worse = worse_side or drawn_worse
     better = "right" if worse == "left" else "left"
-    put_frac = {worse: float(rng.uniform(0.12, 0.45))}
-    put_frac[better] = float(min(0.7, put_frac[worse] + rng.uniform(0.05, 0.35)))
-    cau_frac = {worse: float(rng.uniform(0.5, 0.9))}
-    cau_frac[better] = float(min(1.0, cau_frac[worse] + rng.uniform(0.0, 0.2)))
-    g = float(rng.uniform(0.4, 0.9))
+    put_frac = {worse: put_worse, better: min(0.7, put_worse + put_gap)}
+    cau_frac = {worse: cau_worse, better: min(1.0, cau_worse + cau_gap)}
     return (
         _Binding(
             caudate={s: caudate[s] * cau_frac[s] for s in SIDES},
             putamen={s: putamen[s] * put_frac[s] for s in SIDES},
             # The anterior putamen never exceeds normal binding.
-            gradient={s: min(g, 2 * (1 - put_frac[s])) for s in SIDES},
+            gradient={s: min(pd_gradient, 2 * (1 - put_frac[s])) for s in SIDES},
         ),
         worse,
     )
@@ -418,8 +444,10 @@ def _ratios(sbr: dict[str, float]) -> tuple[float, float, float]:
     """Putamen/caudate ratio and asymmetry indices, defined as in the quantification."""
     put = (sbr["putamen_left"] + sbr["putamen_right"]) / 2
     cau = (sbr["caudate_left"] + sbr["caudate_right"]) / 2
-    return put / cau, asymmetry_index(sbr["putamen_left"], sbr["putamen_right"]), (
-        asymmetry_index(sbr["caudate_left"], sbr["caudate_right"])
+    return (
+        put / cau,
+        asymmetry_index(sbr["putamen_left"], sbr["putamen_right"]),
+        (asymmetry_index(sbr["caudate_left"], sbr["caudate_right"])),
     )
 
 
@@ -448,29 +476,41 @@ def make_dat_volume(
     (tests use them to force a geometry or the side of the disease). The array's first
     voxel is at the patient position ``-(shape - 1) / 2 * spacing`` (x, y, z order).
     """
-    condition = condition or ("healthy" if rng.random() < 0.5 else "pd")
-    if condition not in CONDITIONS:
-        raise ValueError(f"condition must be one of {CONDITIONS}, not {condition!r}")
-    if worse_side is not None and worse_side not in SIDES:
-        raise ValueError(f"worse_side must be 'left' or 'right', not {worse_side!r}")
-    matrix = matrix or (128 if rng.random() < 0.7 else 64)
-    voxel = voxel_mm or float(rng.uniform(3.9 if matrix == 64 else 3.3, 4.4))
-    n_z = n_slices or int(rng.integers(max(48, math.ceil(150 / voxel)), 97))
-    fwhm = fwhm_mm or float(rng.uniform(8.0, 10.5))
-    rot = rotation_deg or (
+    # Every draw happens whatever is pinned, in a fixed order, so that pinning one
+    # parameter (say, the rotation) leaves the rest of the subject unchanged.
+    drawn_condition = "healthy" if rng.random() < 0.5 else "pd"
+    drawn_matrix = 128 if rng.random() < 0.7 else 64
+    voxel_fraction = float(rng.random())
+    slice_fraction = float(rng.random())
+    drawn_fwhm = float(rng.uniform(8.0, 10.5))
+    drawn_rot = (
         float(rng.uniform(-10, 10)),
         float(rng.uniform(-12, 12)),
         float(rng.uniform(-5, 5)),
     )
-    shift = shift_mm or (
+    drawn_shift = (
         float(rng.uniform(-15, 15)),
         float(rng.uniform(-15, 15)),
         float(rng.uniform(-10, 10)),
     )
     scale = float(rng.uniform(0.92, 1.08))
-    anatomy = _anatomy(rng)
-    binding, worse = _binding(rng, condition, worse_side)
     counts_per_ml = float(rng.uniform(600, 1800))
+    anatomy = _anatomy(rng)
+
+    condition = condition or drawn_condition
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition must be one of {CONDITIONS}, not {condition!r}")
+    if worse_side is not None and worse_side not in SIDES:
+        raise ValueError(f"worse_side must be 'left' or 'right', not {worse_side!r}")
+    binding, worse = _binding(rng, condition, worse_side)
+    matrix = matrix if matrix is not None else drawn_matrix
+    low = 3.9 if matrix == 64 else 3.3
+    voxel = voxel_mm if voxel_mm is not None else round(low + (4.4 - low) * voxel_fraction, 3)
+    min_slices = max(48, math.ceil(150 / voxel))
+    n_z = n_slices if n_slices is not None else min_slices + int(slice_fraction * (97 - min_slices))
+    fwhm = fwhm_mm if fwhm_mm is not None else drawn_fwhm
+    rot = rotation_deg if rotation_deg is not None else drawn_rot
+    shift = shift_mm if shift_mm is not None else drawn_shift
 
     rotation = rotation_matrix(*rot)
     brain_centre = np.asarray(anatomy.brain.centre)
@@ -482,14 +522,13 @@ def make_dat_volume(
     box = placement.voxel_box(lo, hi, margin_mm=voxel)
     a = placement.points(box, 1)[..., 0, :]
     vox_anat = voxel / scale
-    head = anatomy.head.soft(a, vox_anat)
-    brain = anatomy.brain.soft(a, vox_anat)
-    ventricles = np.maximum(*(v.soft(a, vox_anat) for v in anatomy.ventricles))
-    activity[box] = (
-        _HEAD_LEVEL * head
-        + (1 - _HEAD_LEVEL) * brain
-        - (1 - _VENTRICLE_LEVEL) * np.minimum(ventricles, brain)
-    )
+    activity[box] = _HEAD_LEVEL * anatomy.head.soft(a, vox_anat) + (
+        1 - _HEAD_LEVEL
+    ) * anatomy.brain.soft(a, vox_anat)
+    for ventricle in anatomy.ventricles:
+        v_box = placement.voxel_box(*_ellipsoid_bounds(ventricle), margin_mm=voxel)
+        v_occ = ventricle.soft(placement.points(v_box, 1)[..., 0, :], vox_anat)
+        activity[v_box] -= (1 - _VENTRICLE_LEVEL) * np.minimum(v_occ, activity[v_box])
 
     occupancy: dict[str, FloatArray] = {}
     tissue: dict[str, float] = {}
@@ -498,9 +537,7 @@ def make_dat_volume(
     for side in SIDES:
         ch, cb, pu = anatomy.caudate_head[side], anatomy.caudate_body[side], anatomy.putamen[side]
 
-        def caudate_inside(p: FloatArray, ch: _Ellipsoid = ch, cb: _Tube = cb) -> NDArray[
-            np.bool_
-        ]:
+        def caudate_inside(p: FloatArray, ch: _Ellipsoid = ch, cb: _Tube = cb) -> NDArray[np.bool_]:
             return np.asarray(ch.inside(p) | cb.inside(p))
 
         lo_h, hi_h = _ellipsoid_bounds(ch)
@@ -576,3 +613,224 @@ def make_dat_volume(
         noise=noise,
     )
     return volume, (voxel, voxel, voxel), truth
+
+
+# --- DICOM ------------------------------------------------------------------------------
+
+Layout = Literal["multiframe", "slices"]
+_BASE_DATE = _dt.date(2024, 1, 8)
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _uid(seed: int, index: int, *role: str) -> str:
+    return str(generate_uid(entropy_srcs=[_ENTROPY_ROOT, str(seed), str(index), *role]))
+
+
+def _ds_str(value: float) -> str:
+    """A DS value (at most 16 characters) exact for the phantom's 0.001 mm geometry."""
+    text = f"{value:.4f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def _study_datasets(
+    volume: NDArray[np.float32],
+    spacing_mm: tuple[float, float, float],
+    *,
+    seed: int,
+    index: int,
+    layout: Layout,
+) -> list[Dataset]:
+    """The DICOM objects of one phantom study (one NM object, or one per slice)."""
+    if layout not in ("multiframe", "slices"):
+        raise ValueError(f"layout must be 'multiframe' or 'slices', not {layout!r}")
+    counts = np.clip(np.rint(volume), 0, 65535).astype(np.uint16)
+    n_z, rows, cols = counts.shape
+    dz, dy, dx = spacing_mm
+    first = -0.5 * np.array([dx * (cols - 1), dy * (rows - 1), dz * (n_z - 1)])
+    study_date = _BASE_DATE + _dt.timedelta(days=(seed * 7919 + index * 13) % 700)
+    birth = _dt.date(1940 + (seed + index * 7) % 35, 1 + (index * 5) % 12, 1 + (seed + index) % 28)
+    age = (
+        study_date.year
+        - birth.year
+        - ((study_date.month, study_date.day) < (birth.month, birth.day))
+    )
+
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = NM_IMAGE_STORAGE
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = study_date.strftime(
+        "%Y%m%d"
+    )
+    ds.StudyTime = "100000"
+    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = "100500"
+    ds.AccessionNumber = f"PHDAT{seed % 100000:05d}{index:04d}"
+    ds.Modality = "NM"
+    ds.Manufacturer = "dicomnode"
+    ds.InstitutionName = "Synthetic phantom"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "DaTscan"
+    ds.SeriesDescription = "DaTSCAN SPECT Brain"
+    ds.ManufacturerModelName = "dat_spect phantom"
+    ds.PatientName = f"PHANTOM^DAT^{index:04d}"
+    ds.PatientID = f"PHANTOM-DAT-{seed}-{index:04d}"
+    ds.PatientBirthDate = birth.strftime("%Y%m%d")
+    ds.PatientSex = "F" if (seed + index) % 2 else "M"
+    ds.PatientAge = f"{age:03d}Y"
+    ds.BodyPartExamined = "BRAIN"
+    ds.SliceThickness = _ds_str(dz)
+    ds.SpacingBetweenSlices = _ds_str(dz)
+    ds.SoftwareVersions = "dicomnode phantoms dat_spect v1"
+    ds.ProtocolName = "DaTscan SPECT"
+    ds.StudyInstanceUID = _uid(seed, index, "study")
+    ds.SeriesInstanceUID = _uid(seed, index, layout, "series")
+    ds.StudyID = f"DAT{index:04d}"
+    ds.SeriesNumber = 1 if layout == "multiframe" else 2
+    ds.FrameOfReferenceUID = _uid(seed, index, "frame-of-reference")
+    ds.PositionReferenceIndicator = ""
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "RECON TOMO", "EMISSION"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.PixelSpacing = [_ds_str(dy), _ds_str(dx)]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.LossyImageCompression = "00"
+    ds.FrameIncrementPointer = 0x00540080  # SliceVector
+    ds.NumberOfEnergyWindows = 1
+    ds.NumberOfDetectors = 2
+    ds.NumberOfRotations = 1
+    ds.CountsAccumulated = int(counts.sum(dtype=np.int64))
+    ds.PatientOrientation = ["L", "P"]
+    ds.ConvolutionKernel = "OSEM BW0.6 o10"
+    ds.ReconstructionDiameter = _ds_str(cols * dx)
+
+    window = Dataset()
+    window.EnergyWindowRangeSequence = DicomSequence([Dataset()])
+    window.EnergyWindowRangeSequence[0].EnergyWindowLowerLimit = "143.1"
+    window.EnergyWindowRangeSequence[0].EnergyWindowUpperLimit = "174.9"
+    window.EnergyWindowName = "I123 159keV"
+    ds.EnergyWindowInformationSequence = DicomSequence([window])
+
+    pharm = Dataset()
+    pharm.RadionuclideCodeSequence = DicomSequence([_code("21572004", "SCT", "^123^Iodine")])
+    pharm.Radiopharmaceutical = "Ioflupane I-123"
+    pharm.RadiopharmaceuticalCodeSequence = DicomSequence(
+        [_code("429296007", "SCT", "Ioflupane I^123^")]
+    )
+    pharm.RadiopharmaceuticalStartTime = "063000"
+    pharm.RadionuclideTotalDose = "185"
+    ds.RadiopharmaceuticalInformationSequence = DicomSequence([pharm])
+
+    rotation = Dataset()
+    rotation.StartAngle = "0"
+    rotation.AngularStep = "3"
+    rotation.RotationDirection = "CW"
+    rotation.ScanArc = "360"
+    rotation.ActualFrameDuration = 30000
+    rotation.NumberOfFramesInRotation = 60
+    rotation.RadialPosition = ["150", "150"]
+    ds.RotationInformationSequence = DicomSequence([rotation])
+    ds.TypeOfDetectorMotion = "STEP AND SHOOT"
+
+    position = _code("102538003", "SCT", "recumbent")
+    position.PatientOrientationModifierCodeSequence = DicomSequence(
+        [_code("40199007", "SCT", "supine")]
+    )
+    ds.PatientOrientationCodeSequence = DicomSequence([position])
+    ds.PatientGantryRelationshipCodeSequence = DicomSequence(
+        [_code("102540008", "SCT", "headfirst")]
+    )
+
+    def detector(z_mm: float) -> DicomSequence:
+        item = Dataset()
+        item.CollimatorGridName = "LEHR"
+        item.CollimatorType = "PARA"
+        item.FieldOfViewShape = "RECTANGLE"
+        item.FieldOfViewDimensions = [540, 400]
+        item.ZoomFactor = ["1", "1"]
+        item.ImagePositionPatient = [_ds_str(first[0]), _ds_str(first[1]), _ds_str(z_mm)]
+        item.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        return DicomSequence([item])
+
+    objects: list[Dataset] = []
+    if layout == "multiframe":
+        ds.SOPInstanceUID = _uid(seed, index, layout, "instance", "1")
+        ds.InstanceNumber = 1
+        ds.NumberOfFrames = n_z
+        ds.NumberOfSlices = n_z
+        ds.SliceVector = list(range(1, n_z + 1))
+        ds.DetectorInformationSequence = detector(float(first[2]))
+        ds.PixelData = counts.tobytes()
+        objects.append(ds)
+    else:
+        for k in range(n_z):
+            item = Dataset()
+            item.update(ds)
+            z_mm = float(first[2] + k * dz)
+            item.SOPInstanceUID = _uid(seed, index, layout, "instance", str(k + 1))
+            item.InstanceNumber = k + 1
+            item.NumberOfFrames = 1
+            item.NumberOfSlices = 1
+            item.SliceVector = [1]
+            item.SliceLocation = _ds_str(z_mm)
+            item.DetectorInformationSequence = detector(z_mm)
+            item.CountsAccumulated = int(counts[k].sum(dtype=np.int64))
+            item.PixelData = counts[k].tobytes()
+            objects.append(item)
+    for obj in objects:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = obj.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = obj.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        obj.file_meta = meta
+    return objects
+
+
+def phantom_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator for phantom ``index`` of a seeded set: independent of ``n``."""
+    return np.random.default_rng(np.random.SeedSequence([seed, index]))
+
+
+def build_dat_study(
+    seed: int, index: int, *, layout: Layout = "multiframe", **overrides: object
+) -> tuple[list[Dataset], DatTruth]:
+    """Phantom ``index`` of the set ``seed`` as DICOM datasets, with its truth.
+
+    ``overrides`` go to :func:`make_dat_volume` (e.g. ``condition="pd"``).
+    """
+    volume, spacing, truth = make_dat_volume(phantom_rng(seed, index), **overrides)  # type: ignore[arg-type]
+    return _study_datasets(volume, spacing, seed=seed, index=index, layout=layout), truth
+
+
+def write_dat_study(
+    out_dir: Path, *, n: int, seed: int, layout: Layout = "multiframe"
+) -> list[Path]:
+    """Write ``n`` phantom studies under ``out_dir`` and return the DICOM files written.
+
+    Each phantom is its own synthetic patient and study in ``out_dir/phantom_NNNN/``
+    (``NM.dcm``, or ``NM_SSS.dcm`` per slice) with its ground truth in ``truth.json``
+    beside it. The same ``seed`` writes byte-identical files.
+    """
+    written: list[Path] = []
+    for index in range(n):
+        datasets, truth = build_dat_study(seed, index, layout=layout)
+        folder = Path(out_dir) / f"phantom_{index:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, ds in enumerate(datasets):
+            name = "NM.dcm" if layout == "multiframe" else f"NM_{k + 1:03d}.dcm"
+            path = folder / name
+            ds.save_as(path, enforce_file_format=True)
+            written.append(path)
+        record = {"seed": seed, "index": index, "layout": layout, **asdict(truth)}
+        (folder / "truth.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return written
