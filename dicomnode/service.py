@@ -77,7 +77,8 @@ class Node:
             log.info("recovered after restart: %d partial file(s) removed, %d job(s) and "
                      "%d send(s) re-queued", removed, jobs, sends)
         self.scp.start()
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        # a sweep or pump still running when the next is due is normal, not a warning
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)
         now = datetime.now(UTC)
         self.scheduler.add_job(self._sweep, "interval", id="completion",
                                seconds=self.settings.completion.sweep_interval_s,

@@ -166,11 +166,15 @@ class JobRunner:
                 return
             kind, payload = conn.recv()
         except (EOFError, OSError, BrokenPipeError):
-            code = worker.proc.exitcode if worker.proc is not None else None
+            code = None
+            if worker.proc is not None:
+                worker.proc.join(5)
+                code = worker.proc.exitcode
             worker.kill()
-            state = self.ledger.fail_job(job.id, f"worker process died (exit code {code})",
+            reason = f"worker process died (exit code {code})"
+            state = self.ledger.fail_job(job.id, reason,
                                          max_attempts=self.settings.jobs.max_attempts)
-            log.error("job %d: worker died (exit code %s); now %s", job.id, code, state)
+            log.error("job %d: %s; now %s", job.id, reason, state)
             return
         if kind == "ok":
             outcome: JobOutcome = payload

@@ -77,15 +77,23 @@ class StoreClient:
         ae.dimse_timeout = self.timeout_s
         ae.network_timeout = self.timeout_s
         ae.connection_timeout = self.timeout_s
+        connected: list[bool] = []
+
+        def on_open(event: evt.Event) -> None:
+            connected.append(True)
+            _nodelay(event)
+
         assoc = ae.associate(self.host, self.port, ae_title=self.called_aet,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
         if not assoc.is_established:
-            if assoc.is_rejected:
+            if not connected:
+                why = "could not be reached (no TCP connection)"
+            elif assoc.is_rejected:
                 why = "rejected the association"
             elif assoc.is_aborted:
                 why = "aborted the association"
             else:
-                why = "could not be reached"
+                why = "did not answer the association request"
             raise AssociationFailed(
                 f"{self.called_aet}@{self.host}:{self.port} {why}")
         return assoc

@@ -220,3 +220,37 @@ def test_unlisted_caller_host_is_rejected(tmp_path: Path) -> None:
     finally:
         proc.stop()
     assert not list((tmp_path / "var" / "objects").rglob("*.dcm"))
+
+
+def test_deflated_transfer_syntax_is_never_negotiated(node: NodeProcess) -> None:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1.99"])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    try:
+        assert not assoc.is_established or not assoc.accepted_contexts
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def test_dicomnode_send_is_a_working_store_client(node: NodeProcess) -> None:
+    import subprocess
+    import sys
+
+    from tests.peers import REPO
+
+    before = node.status()["counts"]["instances"]["stored"]
+    out = subprocess.run([sys.executable, "-m", "dicomnode.cli", "send",
+                          str(PYDICOM_DATA / "US1_J2KR.dcm"), str(PYDICOM_FILES / "rtplan.dcm"),
+                          "--host", "127.0.0.1", "--port", str(node.port),
+                          "--called-aet", "DICOMNODE", "--calling-aet", "TESTSCU"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "sent 2/2" in out.stdout
+    assert node.status()["counts"]["instances"]["stored"] == before + 2
+    bad = subprocess.run([sys.executable, "-m", "dicomnode.cli", "send",
+                          str(PYDICOM_FILES / "CT_small.dcm"), "--host", "127.0.0.1",
+                          "--port", str(node.port), "--called-aet", "WRONG"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 1 and "rejected the association" in bad.stderr
+    assert "Traceback" not in bad.stderr
