@@ -14,6 +14,7 @@ from dicomnode.pipelines.base import Pipeline, PipelineError
 
 BUILTIN: dict[str, str] = {
     "dat_spect": "dicomnode.pipelines.dat_spect:DatSpectPipeline",
+    "pneumonia": "dicomnode.pipelines.pneumonia:PneumoniaPipeline",
 }
 
 

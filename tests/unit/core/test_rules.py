@@ -65,6 +65,20 @@ def _series_from(path: Path, keywords: tuple[str, ...]) -> SeriesRow:
                      "ORTHANC", header_values(ds, keywords), 1, None, None, 0.0, "open", 0)
 
 
+def test_default_routes_take_the_real_studies_they_were_written_for() -> None:
+    settings = load_settings(DEFAULT_CONFIG)
+    router = Router(settings.routes)
+    keywords = routing_keywords(settings.routes)
+    expected = {PYDICOM_DATA / "RG1_UNCI.dcm": "pneumonia-cxr",    # CR chest PA, MONOCHROME1
+                PYDICOM_DATA / "RG1_J2KR.dcm": "pneumonia-cxr"}     # the same, JPEG 2000
+    for path, route in expected.items():
+        _, jobs = router.route_series(_series_from(path, keywords))
+        assert [j.route for j in jobs] == [route], path.name
+    for path in (PYDICOM_DATA / "RG3_UNCI.dcm",):  # CR of an extremity
+        _, jobs = router.route_series(_series_from(path, keywords))
+        assert jobs == [], path.name
+
+
 def test_default_dat_route_rejects_real_non_dat_studies() -> None:
     settings = load_settings(DEFAULT_CONFIG)
     router = Router(settings.routes)
@@ -73,5 +87,6 @@ def test_default_dat_route_rejects_real_non_dat_studies() -> None:
                  PYDICOM_FILES / "JPEG-lossy.dcm", PYDICOM_FILES / "CT_small.dcm",
                  PYDICOM_FILES / "MR_small.dcm", PYDICOM_DATA / "RG1_UNCI.dcm"]:
         decisions, jobs = router.route_series(_series_from(path, keywords))
-        assert jobs == [], path.name
-        assert any("no series-level route matched" in r for d in decisions for r in d.reasons)
+        assert "dat-spect" not in [j.route for j in jobs], path.name
+        dat = next(d for d in decisions if d.route == "dat-spect")
+        assert not dat.matched and any(r.startswith("no:") for r in dat.reasons)
