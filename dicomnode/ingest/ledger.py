@@ -404,6 +404,16 @@ class Ledger:
             (series_uid,)).fetchone()
         return None if row is None else self._series_row(row)
 
+    def related_series(self, study_uid: str, modalities: Sequence[str]) -> list[SeriesRow]:
+        """Complete series of the same patient in *other* studies, of these modalities."""
+        marks = ",".join("?" * len(modalities))
+        rows = self._conn().execute(
+            f"SELECT {self._SERIES_COLS} FROM series WHERE patient_key = "
+            "(SELECT patient_key FROM studies WHERE study_uid=?) AND study_uid != ? "
+            f"AND state='complete' AND modality IN ({marks}) ORDER BY first_received",
+            (study_uid, study_uid, *modalities)).fetchall()
+        return [self._series_row(r) for r in rows]
+
     def open_studies(self) -> list[StudyRow]:
         rows = self._conn().execute(
             "SELECT study_uid, last_received, state, generation FROM studies "

@@ -39,6 +39,7 @@ class JobSpec:
     models_dir: str
     options: Mapping[str, Any] = field(default_factory=dict)
     plugins: Mapping[str, str] = field(default_factory=dict)
+    related_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ def execute(spec: JobSpec) -> JobOutcome:
     work = PipelineInput(
         datasets=datasets, paths=paths, level=spec.level, study_instance_uid=spec.study_uid,
         series_instance_uids=spec.series_uids, route=spec.route, generation=spec.generation,
-        options=spec.options, models_dir=Path(spec.models_dir))
+        options=spec.options, models_dir=Path(spec.models_dir),
+        related_datasets=[dcmread(spool.path(p)) for p in spec.related_paths])
     result = pipeline.run(work)
     outputs: list[tuple[str, str, str, str]] = []
     for ds in result.objects:

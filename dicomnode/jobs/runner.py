@@ -13,6 +13,7 @@ import multiprocessing as mp
 import threading
 import traceback
 from collections.abc import Callable
+from datetime import date, datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -81,6 +82,13 @@ class _Worker:
         self.kill()
 
 
+def _date(value: Any) -> date | None:
+    try:
+        return datetime.strptime(str(value or "")[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
 class JobRunner:
     def __init__(self, settings: Settings, ledger: Ledger,
                  on_finished: Callable[[], None] | None = None) -> None:
@@ -118,12 +126,35 @@ class JobRunner:
         route = next((r for r in self.settings.routes if r.name == job.route), None)
         options = dict(route.options) if route is not None else {}
         paths = tuple(p for _, p in self.ledger.instance_paths(job.series_uids))
+        related = self._related(job, options.get("related"))
         return JobSpec(
             job_id=job.id, route=job.route, pipeline=job.pipeline, level=job.level,
             study_uid=job.study_uid, series_uids=job.series_uids, generation=job.generation,
             instance_paths=paths, storage_root=str(self.settings.spool_dir.resolve()),
             models_dir=str(self.settings.models_dir.resolve()), options=options,
-            plugins=dict(self.settings.pipelines))
+            plugins=dict(self.settings.pipelines), related_paths=related)
+
+    def _related(self, job: JobRow, wanted: Any) -> tuple[str, ...]:
+        """Instances of the same patient's other studies within the route's window.
+
+        ``related: {modalities: [CT, MR], window_days: 30}`` in a route's options; the
+        window is measured between StudyDates, so a study without one is not related.
+        """
+        if not isinstance(wanted, dict):
+            return ()
+        modalities = [str(m) for m in wanted.get("modalities", [])]
+        window = float(wanted.get("window_days", 30))
+        mine = self.ledger.series_of_study(job.study_uid)
+        dates = [_date(s.attrs.get("StudyDate")) for s in mine]
+        anchor = next((d for d in dates if d is not None), None)
+        if anchor is None or not modalities:
+            return ()
+        chosen: list[str] = []
+        for series in self.ledger.related_series(job.study_uid, modalities):
+            when = _date(series.attrs.get("StudyDate"))
+            if when is not None and abs((when - anchor).days) <= window:
+                chosen.append(series.series_uid)
+        return tuple(p for _, p in self.ledger.instance_paths(chosen))
 
     def _loop(self, slot: int, worker: _Worker) -> None:
         while not self._stop.is_set():

@@ -39,6 +39,9 @@ class PipelineInput:
     generation: int = 0
     options: Mapping[str, Any] = field(default_factory=dict)
     models_dir: Path = Path("models")
+    # Series of the same patient from other studies, when the route asks for them
+    # (``options.related``): e.g. a CT from last week for a CT+MR fusion model.
+    related_datasets: Sequence[Dataset] = ()
 
     def result_uid(self, algorithm: str, version: str, *parts: str | int,
                    generation: int | None = None) -> str:

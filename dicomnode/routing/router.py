@@ -20,7 +20,7 @@ DEFAULT_ROUTING_KEYWORDS: tuple[str, ...] = (
     "StudyDescription", "ProtocolName", "ViewPosition", "ImageOrientationPatient",
     "NumberOfFrames", "NumberOfSlices", "Rows", "Columns", "PhotometricInterpretation",
     "BitsStored", "Manufacturer", "ManufacturerModelName", "SliceThickness",
-    "ContrastBolusAgent", "SeriesNumber", "ScanningSequence", "SequenceName",
+    "ContrastBolusAgent", "SeriesNumber", "ScanningSequence", "SequenceName", "StudyDate",
 )
 
 

@@ -21,7 +21,7 @@ def write(tmp_path: Path, data: object) -> Path:
 def test_embedded_default_is_valid() -> None:
     settings = load_settings(DEFAULT_CONFIG)
     assert settings.node.ae_title == "DICOMNODE"
-    assert [r.name for r in settings.routes] == ["dat-spect"]
+    assert [r.name for r in settings.routes][:2] == ["dat-spect", "pneumonia-cxr"]
     assert not settings.security.allow_any_caller
 
 
