@@ -212,3 +212,33 @@ def test_reopening_supersedes_queued_work_on_the_old_generation(ledger: Ledger,
     clock.now += 11
     t.sweep()
     assert [(j.generation, j.state) for j in ledger.jobs()] == [(0, "superseded"), (1, "pending")]
+
+
+def test_related_series_of_the_same_patient_within_the_window(ledger: Ledger,
+                                                              clock: Clock) -> None:
+    from dataclasses import replace
+
+    from dicomnode.jobs.runner import JobRunner
+
+    def study(sop: str, series: str, study_uid: str, modality: str, date: str,
+              patient: str = "p") -> None:
+        r = rec(sop, series=series, study=study_uid, modality=modality)
+        ledger.record_instance(replace(r, patient_key=patient,
+                                       attrs={"Modality": modality, "StudyDate": date}))
+
+    study("1.1", "1.1.1", "1.1", "MR", "20260110")            # the study being analysed
+    study("2.1", "2.1.1", "2.1", "CT", "20260101")            # 9 days earlier: related
+    study("3.1", "3.1.1", "3.1", "CT", "20250101")            # a year earlier: too old
+    study("4.1", "4.1.1", "4.1", "CT", "20260109", "other")   # another patient
+    t = tracker(ledger, [{"name": "mr", "match": {"Modality": "MR"}, "pipeline": "dat_spect"}])
+    clock.now += 40
+    t.sweep()
+    t.sweep()
+    settings = parse_settings({"routes": [{"name": "mr", "match": {"Modality": "MR"},
+                                           "pipeline": "dat_spect"}]})
+    runner = JobRunner(settings, ledger)
+    (job,) = ledger.jobs()
+    related = runner._related(job, {"modalities": ["CT"], "window_days": 30})
+    assert related == ("objects/xx/2.1.dcm",)
+    assert runner._related(job, {"modalities": ["PT"], "window_days": 30}) == ()
+    assert runner._related(job, None) == ()
