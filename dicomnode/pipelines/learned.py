@@ -36,6 +36,8 @@ _CACHE = SessionCache()
 _DISPLAY = PreprocessSpec.from_dict([{"name": "modality_lut"},
                                      {"name": "robust_minmax", "low_percentile": 0.5,
                                       "high_percentile": 99.5}])
+BRAIN_WINDOW_DISPLAY = PreprocessSpec.from_dict([{"name": "hounsfield"},
+                                                 {"name": "window", "preset": "brain"}])
 
 
 class ModelUnavailableError(PipelineError):
@@ -104,18 +106,20 @@ def sr_operating_point(point: OperatingPoint) -> results_sr.OperatingPoint:
                                      point.specificity)
 
 
-def display_image(ds: Dataset, frame: int = 0) -> npt.NDArray[np.float32]:
-    """The image as a reader would see it: modality LUT, robust window, MONOCHROME1
-    inverted; (rows, columns) in [0, 1] at the source resolution."""
-    tensor = apply_spec(_DISPLAY, [ds])
+def display_image(ds: Dataset, frame: int = 0,
+                  display: PreprocessSpec | None = None) -> npt.NDArray[np.float32]:
+    """The image as a reader would see it: modality LUT, robust window (or ``display``),
+    MONOCHROME1 inverted; (rows, columns) in [0, 1] at the source resolution."""
+    tensor = apply_spec(display or _DISPLAY, [ds])
     return np.asarray(tensor[frame, 0], dtype=np.float32)
 
 
 def heatmap_overlay(ds: Dataset, cam: npt.NDArray[Any], frame: int = 0,
-                    alpha: float = 0.45) -> npt.NDArray[np.uint8]:
+                    alpha: float = 0.45,
+                    display: PreprocessSpec | None = None) -> npt.NDArray[np.uint8]:
     """The CAM, resized to the source image, over the image at its own resolution and
     aspect ratio, so the picture lines up with what the radiologist already has."""
-    base = display_image(ds, frame)
+    base = display_image(ds, frame, display)
     rows, cols = base.shape
     heat = cv2.resize(np.asarray(cam, dtype=np.float32), (cols, rows),
                       interpolation=cv2.INTER_LINEAR)

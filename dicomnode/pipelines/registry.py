@@ -15,6 +15,7 @@ from dicomnode.pipelines.base import Pipeline, PipelineError
 BUILTIN: dict[str, str] = {
     "dat_spect": "dicomnode.pipelines.dat_spect:DatSpectPipeline",
     "pneumonia": "dicomnode.pipelines.pneumonia:PneumoniaPipeline",
+    "metastasis": "dicomnode.pipelines.metastasis:MetastasisPipeline",
 }
 
 
