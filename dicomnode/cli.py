@@ -46,6 +46,39 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# Magic numbers of executables and archives that a DICOM preamble can carry as a
+# polyglot (CVE-2019-11687). TIFF ("II*\0", "MM\0*") is a legitimate dual format.
+_EXECUTABLE_MAGIC = {
+    b"MZ": "a Windows executable (PE)",
+    b"\x7fELF": "an ELF executable",
+    b"#!": "a script",
+    b"\xca\xfe\xba\xbe": "a Mach-O or Java class file",
+    b"\xcf\xfa\xed\xfe": "a Mach-O executable",
+    b"\xce\xfa\xed\xfe": "a Mach-O executable",
+    b"PK\x03\x04": "a ZIP/JAR archive",
+}
+
+
+def preamble_warning(path: Path) -> str | None:
+    """Why the file's 128-byte preamble looks executable (CVE-2019-11687), or None.
+
+    The preamble never travels over the network, so sending such a file is harmless to
+    the receiver; but the file itself is a polyglot that can run on the machine holding
+    it, which the operator should know.
+    """
+    try:
+        with path.open("rb") as fp:
+            head = fp.read(132)
+    except OSError:
+        return None
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return None
+    for magic, what in _EXECUTABLE_MAGIC.items():
+        if head.startswith(magic):
+            return f"preamble is {what} (CVE-2019-11687 polyglot)"
+    return None
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from dicomnode.net.scu import AssociationFailed, send_files
 
@@ -61,6 +94,9 @@ def cmd_send(args: argparse.Namespace) -> int:
             raise CliError(f"{p}: no such file or directory")
     if not paths:
         raise CliError("nothing to send")
+    for path in paths:
+        if (why := preamble_warning(path)) is not None:
+            print(f"warning: {path}: {why}; the preamble is not sent", file=sys.stderr)
     try:
         results = send_files(paths, host=args.host, port=args.port, called_aet=args.called_aet,
                              calling_aet=args.calling_aet)

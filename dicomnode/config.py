@@ -8,7 +8,9 @@ dcmtk do), which is the repository root for the README's commands.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +44,13 @@ class NodeSettings:
     max_associations: int = 16
     network_timeout_s: float = 60.0
     max_instance_bytes: int = 4 * 1024**3
+    # A connection must finish its TLS handshake and its A-ASSOCIATE-RQ within this.
+    associate_timeout_s: float = 10.0
+    # Once a PDU has begun, all of it must arrive within this.
+    pdu_timeout_s: float = 10.0
+    # Connections that have not yet associated, from hosts not on the allow-list.
+    max_pending_connections: int = 32
+    max_pending_per_address: int = 4
 
 
 @dataclass(frozen=True)
@@ -65,15 +74,71 @@ class CallerRule:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS (PS3.15 B.9, BCP 195) for the listener and for outgoing associations."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    require_client_cert: bool = False
+    destinations: tuple[str, ...] = ()  # outgoing associations to these use TLS
+    check_hostname: bool = True
+
+
+@dataclass(frozen=True)
+class IdentityRule:
+    """Credentials one caller must present in its User Identity Negotiation item."""
+
+    ae_title: str
+    username: str
+    password: str | None = field(default=None, repr=False)  # None: username alone
+
+
+@dataclass(frozen=True)
+class UserIdentitySettings:
+    required: bool = True
+    users: tuple[IdentityRule, ...] = ()
+
+    def verify(self, calling_ae: str, id_type: int | None, primary: bytes,
+               secondary: bytes) -> bool:
+        """Whether a presented identity (PS3.7 D.3.3.7) is one configured for the caller.
+
+        Only types 1 (username) and 2 (username and passcode) exist here; a username-only
+        rule accepts type 1 or 2, a rule with a password accepts only a matching type 2.
+        """
+        for rule in self.users:
+            if rule.ae_title != calling_ae.strip():
+                continue
+            if not hmac.compare_digest(rule.username.encode(), bytes(primary)):
+                continue
+            if rule.password is None:
+                return id_type in (1, 2)
+            if id_type == 2 and hmac.compare_digest(rule.password.encode(), bytes(secondary)):
+                return True
+        return False
+
+
+@dataclass(frozen=True)
 class SecuritySettings:
     allowed_callers: tuple[CallerRule, ...] = ()
     allow_any_caller: bool = False
-    tls: Mapping[str, Any] | None = None
+    tls: TlsSettings | None = None
+    user_identity: UserIdentitySettings | None = None
 
     def caller_allowed(self, ae_title: str, address: str) -> bool:
         if self.allow_any_caller:
             return True
         return any(rule.allows(ae_title, address) for rule in self.allowed_callers)
+
+    def host_allowed(self, address: str) -> bool:
+        """Whether some allowed caller connects from ``address``, whatever its AE title.
+
+        Known at TCP accept, before any AE title is; it decides which pool of pending
+        connections a newcomer joins, so floods from elsewhere cannot crowd it out.
+        """
+        if self.allow_any_caller:
+            return True
+        return any(rule.allows(rule.ae_title, address) for rule in self.allowed_callers)
 
 
 @dataclass(frozen=True)
@@ -195,6 +260,91 @@ class _Reader:
         return value
 
 
+def _parse_tls(r: _Reader, data: Any) -> TlsSettings | None:
+    if data is None:
+        return None
+    t = r.mapping(data, "security.tls")
+    r.unknown(t, "security.tls", {"cert", "key", "ca", "require_client_cert", "destinations",
+                                  "check_hostname"})
+    paths: dict[str, Path | None] = {}
+    for name in ("cert", "key", "ca"):
+        value = t.get(name)
+        if value is None:
+            if name != "ca":
+                r.problem(f"security.tls.{name}", "missing (a PEM file)")
+            paths[name] = None
+            continue
+        if not isinstance(value, str) or not value:
+            r.problem(f"security.tls.{name}", f"expected a file path, got {value!r}")
+            paths[name] = None
+            continue
+        path = Path(value)
+        if not path.is_file():
+            r.problem(f"security.tls.{name}", f"no such file: {path}")
+        paths[name] = path
+    flags: dict[str, bool] = {}
+    for name, default in (("require_client_cert", False), ("check_hostname", True)):
+        value = t.get(name, default)
+        if not isinstance(value, bool):
+            r.problem(f"security.tls.{name}", f"expected true or false, got {value!r}")
+            value = default
+        flags[name] = value
+    if flags["require_client_cert"] and paths["ca"] is None:
+        r.problem("security.tls.require_client_cert",
+                  "needs security.tls.ca, the CA that signs the callers' certificates")
+    dests = t.get("destinations", [])
+    if not isinstance(dests, list) or not all(isinstance(d, str) for d in dests):
+        r.problem("security.tls.destinations", "expected a list of destination names")
+        dests = []
+    if paths["cert"] is None or paths["key"] is None:
+        return None
+    return TlsSettings(paths["cert"], paths["key"], paths["ca"], flags["require_client_cert"],
+                       tuple(dests), flags["check_hostname"])
+
+
+def _parse_user_identity(r: _Reader, data: Any) -> UserIdentitySettings | None:
+    if data is None:
+        return None
+    key = "security.user_identity"
+    u = r.mapping(data, key)
+    r.unknown(u, key, {"required", "users"})
+    required = u.get("required", True)
+    if not isinstance(required, bool):
+        r.problem(f"{key}.required", f"expected true or false, got {required!r}")
+        required = True
+    raw = u.get("users", [])
+    if not isinstance(raw, list):
+        r.problem(f"{key}.users", "expected a list of {ae_title, username, password}")
+        raw = []
+    users: list[IdentityRule] = []
+    for i, item in enumerate(raw):
+        ikey = f"{key}.users[{i}]"
+        item = r.mapping(item, ikey)
+        r.unknown(item, ikey, {"ae_title", "username", "password", "password_env"})
+        username = item.get("username")
+        if not isinstance(username, str) or not username:
+            r.problem(f"{ikey}.username", "missing or not a string")
+            continue
+        password = item.get("password")
+        env = item.get("password_env")
+        if password is not None and env is not None:
+            r.problem(ikey, "give password or password_env, not both")
+        if env is not None:
+            if not isinstance(env, str) or env not in os.environ:
+                r.problem(f"{ikey}.password_env", f"environment variable {env!r} is not set")
+            else:
+                password = os.environ[env]
+        if password is not None and (not isinstance(password, str) or not password):
+            r.problem(f"{ikey}.password", "expected a non-empty string")
+            password = None
+        users.append(IdentityRule(r.ae_title(item.get("ae_title"), f"{ikey}.ae_title"),
+                                  username, password))
+    if required and not users:
+        r.problem(f"{key}.users", "required is true but no users are listed: nobody could "
+                                  "associate")
+    return UserIdentitySettings(required, tuple(users))
+
+
 def load_settings(path: Path) -> Settings:
     """Read and validate a config file; raise ConfigError listing every problem."""
     try:
@@ -224,7 +374,9 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
 
     n = r.mapping(top.get("node"), "node")
     r.unknown(n, "node", {"ae_title", "host", "port", "storage", "max_pdu_size",
-                          "max_associations", "network_timeout_s", "max_instance_bytes"})
+                          "max_associations", "network_timeout_s", "max_instance_bytes",
+                          "associate_timeout_s", "pdu_timeout_s", "max_pending_connections",
+                          "max_pending_per_address"})
     node = NodeSettings(
         ae_title=r.ae_title(n.get("ae_title", "DICOMNODE"), "node.ae_title"),
         host=r.string(n, "node", "host", "0.0.0.0"),
@@ -235,10 +387,17 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
         network_timeout_s=float(r.number(n, "node", "network_timeout_s", 60.0, minimum=1)),
         max_instance_bytes=r.number(n, "node", "max_instance_bytes", 4 * 1024**3,
                                     minimum=1024, integer=True),
+        associate_timeout_s=float(r.number(n, "node", "associate_timeout_s", 10.0,
+                                           minimum=0.1)),
+        pdu_timeout_s=float(r.number(n, "node", "pdu_timeout_s", 10.0, minimum=0.1)),
+        max_pending_connections=r.number(n, "node", "max_pending_connections", 32, minimum=1,
+                                         integer=True),
+        max_pending_per_address=r.number(n, "node", "max_pending_per_address", 4, minimum=1,
+                                         integer=True),
     )
 
     s = r.mapping(top.get("security"), "security")
-    r.unknown(s, "security", {"allowed_callers", "allow_any_caller", "tls"})
+    r.unknown(s, "security", {"allowed_callers", "allow_any_caller", "tls", "user_identity"})
     callers: list[CallerRule] = []
     raw_callers = s.get("allowed_callers", [])
     if not isinstance(raw_callers, list):
@@ -257,10 +416,9 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
     if not isinstance(allow_any, bool):
         r.problem("security.allow_any_caller", f"expected true or false, got {allow_any!r}")
         allow_any = False
-    tls = s.get("tls")
-    if tls is not None:
-        r.problem("security.tls", "TLS is not supported by this version; set it to null")
-    security = SecuritySettings(tuple(callers), allow_any, None)
+    tls = _parse_tls(r, s.get("tls"))
+    identity = _parse_user_identity(r, s.get("user_identity"))
+    security = SecuritySettings(tuple(callers), allow_any, tls, identity)
 
     c = r.mapping(top.get("completion"), "completion")
     r.unknown(c, "completion", {"series_quiet_s", "study_quiet_s", "sweep_interval_s"})
@@ -339,6 +497,11 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
         options = r.mapping(item.get("options"), f"{key}.options")
         routes.append(Route(name, conditions, pipeline, tuple(str(x) for x in send_to),
                             level, options))
+
+    if tls is not None:
+        for name in tls.destinations:
+            if name not in destinations:
+                r.problem("security.tls.destinations", f"unknown destination {name!r}")
 
     q = r.mapping(top.get("query"), "query")
     r.unknown(q, "query", {"source"})

@@ -19,6 +19,7 @@ from dicomnode.config import Destination, Settings
 from dicomnode.ingest.ledger import Ledger, OutboxRow
 from dicomnode.ingest.spool import Spool
 from dicomnode.net.scu import AssociationFailed, StoreClient
+from dicomnode.net.tls import client_context_for
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class OutboxSender:
     def _send_batch(self, dest: Destination, rows: list[OutboxRow]) -> int:
         client = StoreClient(host=dest.host, port=dest.port, called_aet=dest.ae_title,
                              calling_aet=self.settings.node.ae_title,
-                             timeout_s=self.settings.outbox.timeout_s)
+                             timeout_s=self.settings.outbox.timeout_s,
+                             tls=client_context_for(self.settings.security.tls, dest.name))
         paths: list[Path] = []
         for row in rows:
             self.ledger.mark_sending(row.id)

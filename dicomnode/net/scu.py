@@ -8,6 +8,7 @@ uncompressed data.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +55,16 @@ class StoreClient:
     """One association to one peer, reused for a batch of files."""
 
     def __init__(self, *, host: str, port: int, called_aet: str, calling_aet: str,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: a context from ``dicomnode.net.tls.client_context`` for DICOM TLS;
+        the peer's certificate is checked against ``host`` when the context says so."""
         configure_pynetdicom()
         self.host = host
         self.port = port
         self.called_aet = called_aet
         self.calling_aet = calling_aet
         self.timeout_s = timeout_s
+        self.tls = tls
 
     def echo(self) -> int | None:
         ae = AE(ae_title=self.calling_aet)
@@ -83,10 +87,13 @@ class StoreClient:
             connected.append(True)
             _nodelay(event)
 
+        tls_args = (self.tls, self.host) if self.tls is not None else None
         assoc = ae.associate(self.host, self.port, ae_title=self.called_aet,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)], tls_args=tls_args)
         if not assoc.is_established:
-            if not connected:
+            if not connected and self.tls is not None:
+                why = "could not be reached, or the TLS handshake failed"
+            elif not connected:
                 why = "could not be reached (no TCP connection)"
             elif assoc.is_rejected:
                 why = "rejected the association"
@@ -136,9 +143,11 @@ class StoreClient:
 
 
 def send_files(paths: Iterable[Path], *, host: str, port: int, called_aet: str,
-               calling_aet: str = "DICOMNODE", batch: int = 64) -> list[SendResult]:
+               calling_aet: str = "DICOMNODE", batch: int = 64,
+               tls: ssl.SSLContext | None = None) -> list[SendResult]:
     files = list(paths)
-    client = StoreClient(host=host, port=port, called_aet=called_aet, calling_aet=calling_aet)
+    client = StoreClient(host=host, port=port, called_aet=called_aet, calling_aet=calling_aet,
+                         tls=tls)
     results: list[SendResult] = []
     for i in range(0, len(files), batch):
         results.extend(client.send(files[i:i + batch]))

@@ -46,3 +46,14 @@ def category(status: int) -> str:
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)   # permanent, service user, calling AE not recognised
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)    # permanent, service user, called AE not recognised
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, presentation, local limit exceeded
+# A-ASSOCIATE-RJ for a User Identity that is missing or does not verify: PS3.7 D.3.3.7
+# asks for rejected-permanent with the ACSE-related service-provider as source.
+REJECT_USER_IDENTITY = (0x01, 0x02, 0x01)
+
+# A-ABORT reason/diag with source 2, the DICOM UL service-provider (PS3.8 9.3.8)
+ABORT_REASON_NOT_SPECIFIED = 0x00
+ABORT_UNRECOGNIZED_PDU = 0x01
+ABORT_UNEXPECTED_PDU = 0x02
+ABORT_UNRECOGNIZED_PARAMETER = 0x04
+ABORT_UNEXPECTED_PARAMETER = 0x05
+ABORT_INVALID_PARAMETER = 0x06
