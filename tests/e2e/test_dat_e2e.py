@@ -158,11 +158,16 @@ class _Sender:
                     assoc.release()
 
 
+@pytest.mark.parametrize(("n_studies", "max_kills", "interval"), [
+    (5, 6, 1.5),
+    pytest.param(30, 1000, 2.0, marks=pytest.mark.slow),  # long tier: kill every 2 s
+])
 def test_sigkill_during_ingest_and_analysis_loses_nothing_and_sends_once(
-        tmp_path: Path, pacs: Orthanc) -> None:
+        tmp_path: Path, pacs: Orthanc, n_studies: int, max_kills: int,
+        interval: float) -> None:
     phantoms = tmp_path / "phantoms"
-    files = write_dat_study(phantoms, n=5, seed=303, layout="slices")
-    assert len(files) >= 300
+    files = write_dat_study(phantoms, n=n_studies, seed=303, layout="slices")
+    assert len(files) >= 60 * n_studies
     config = node_config(tmp_path / "var", free_port(), routes=[DAT_ROUTE],
                          destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1",
                                                 "port": pacs.dicom_port}},
@@ -174,19 +179,19 @@ def test_sigkill_during_ingest_and_analysis_loses_nothing_and_sends_once(
     done = threading.Event()
 
     def send() -> None:
-        sender.send_all(files, time.monotonic() + 300)
+        sender.send_all(files, time.monotonic() + 1800)
         done.set()
 
     thread = threading.Thread(target=send)
     thread.start()
     kills = 0
     try:
-        while kills < 6 and not done.is_set():  # during ingest
-            time.sleep(1.5 + 0.5 * (kills % 3))
+        while kills < max_kills and not done.is_set():  # during ingest
+            time.sleep(interval + 0.5 * (kills % 3))
             node.stop(signal.SIGKILL)
             kills += 1
             node = start_node(tmp_path / "node", config)
-        thread.join(300)
+        thread.join(1800)
         assert done.is_set() and len(sender.acked) == len(files)
         for _ in range(2):  # during analysis: kill while a job runs
             wait_for(partial(_has_running_job, node), 120, "a running job")
@@ -194,7 +199,7 @@ def test_sigkill_during_ingest_and_analysis_loses_nothing_and_sends_once(
             kills += 1
             node = start_node(tmp_path / "node", config)
         studies = _study_uids(files)
-        wait_for(lambda: _outbox_drained(node, 2 * len(studies)), 300, "results confirmed")
+        wait_for(lambda: _outbox_drained(node, 2 * len(studies)), 900, "results confirmed")
         status = node.status()
     finally:
         node.stop()

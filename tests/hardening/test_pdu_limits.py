@@ -206,3 +206,33 @@ def test_the_log_names_each_refusal_without_data(node: NodeProcess, baseline: No
     text = node.log_text()
     assert "exceeds the advertised maximum of 16384" in text
     assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("fault", ["reset", "half-open"])
+def test_a_connection_lost_mid_dataset_stores_nothing(node: NodeProcess, baseline: None,
+                                                      fault: str) -> None:
+    """A peer that resets (RST) or half-closes its side in the middle of a data set: no
+    instance is recorded, no partial file is left, and the node keeps serving."""
+    import socket as _socket
+
+    before = node.status()["counts"]["instances"]["stored"]
+    peer = RawPeer(node.port)
+    cx = associate_for_storage(peer)
+    peer.send(p_data(pdv(cx, 0x03, store_rq(CT_IMAGE, "1.2.3.77"))))
+    peer.send(p_data(pdv(cx, 0x00, b"\0" * 8000)))
+    sock = peer.sock
+    if fault == "reset":
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    else:
+        sock.shutdown(_socket.SHUT_WR)
+    tmp = node.storage / "tmp"
+    deadline = time.monotonic() + 15
+    while list(tmp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if fault != "reset":
+        peer.close()
+    assert list(tmp.iterdir()) == []
+    assert node.status()["counts"]["instances"]["stored"] == before
+    with raw_peer(node.port) as again:
+        associate_for_storage(again)
