@@ -12,14 +12,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
+from dicomnode.imaging import apply_spec
+from dicomnode.inference.aggregate import sigmoid
+from dicomnode.inference.package import OperatingPoint
 from dicomnode.pipelines import dat_quant
 from dicomnode.pipelines.base import PipelineInput, PipelineResult
+from dicomnode.pipelines.dat_slab import dat_slab
+from dicomnode.pipelines.learned import (
+    ABSENT,
+    PRESENT,
+    ServedModel,
+    describe_point,
+    load_model,
+    sr_operating_point,
+)
 from dicomnode.results import codes
 from dicomnode.results.common import AlgorithmInfo
 from dicomnode.results.sc import build_secondary_capture, draw_regions
@@ -33,6 +46,7 @@ from dicomnode.results.sr import (
     Predecessor,
     TextNote,
     build_measurement_report,
+    probability,
 )
 from dicomnode.results.uids import derive_uid
 
@@ -41,6 +55,8 @@ log = logging.getLogger(__name__)
 SBR = codes.local_code("DN-SBR", "Specific binding ratio")
 PUTAMEN_CAUDATE_RATIO = codes.local_code("DN-PCR", "Putamen to caudate ratio")
 ASYMMETRY_INDEX = codes.local_code("DN-AI", "Asymmetry index")
+REDUCED_UPTAKE = codes.local_code("DN-DAT-REDUCED", "Reduced striatal dopamine transporter "
+                                  "binding")
 
 NM_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
 _COLOURS = {"caudate_left": (0, 220, 0), "caudate_right": (0, 220, 0),
@@ -74,6 +90,27 @@ def input_problem(datasets: Sequence[Dataset]) -> str | None:
     if slices < MIN_SLICES:
         return f"only {slices} slices; at least {MIN_SLICES} are needed to cover the striata"
     return None
+
+
+@dataclass(frozen=True)
+class ClassifierCall:
+    model: ServedModel
+    p: float
+    point: OperatingPoint
+    call: str  # "reduced" or "normal", the words dat_quant uses
+
+
+def classify(model: ServedModel, volume: np.ndarray, spacing: Sequence[float],
+             preferred: object = None) -> ClassifierCall:
+    """The CNN + BiLSTM on the slab around the striata, through the card's spec."""
+    slab = dat_slab(volume, spacing)
+    tensor = apply_spec(model.spec, slab[np.newaxis])
+    outputs = model.run(tensor)
+    name = next(o.name for o in model.card.outputs if o.kind == "logits")
+    logit = float(np.asarray(outputs[name], dtype=np.float64).reshape(-1)[0])
+    p = float(sigmoid(np.asarray([logit]))[0])
+    point = model.operating_point(str(preferred) if preferred else None, ("f1-optimal",))
+    return ClassifierCall(model, p, point, "reduced" if p >= point.threshold else "normal")
 
 
 class DatSpectPipeline:
@@ -110,6 +147,8 @@ class DatSpectPipeline:
         notes = [TextNote("Ratios and cut-off are calibrated on synthetic phantoms; they are "
                           "not a clinical reference range.")]
         objects: list[Dataset] = []
+        summary: dict[str, object]
+        classifier: ClassifierCall | None = None
         if quant is None:
             assert problem is not None
             outcome: Outcome = NotAnalysed(f"Not analysed: {problem}.")
@@ -120,11 +159,21 @@ class DatSpectPipeline:
                        "sbr": {k: round(v, 3) for k, v in quant.sbr.items()},
                        "putamen_caudate_ratio": round(quant.putamen_caudate_ratio, 3),
                        "asymmetry_index_putamen": round(quant.asymmetry_index_putamen, 1)}
+            model_name = work.options.get("classifier")
+            if model_name:
+                classifier = classify(
+                    load_model(work.models_dir, str(model_name), work.options), volume,
+                    spacing, work.options.get("operating_point"))
+                summary["classifier"] = {"probability_reduced": round(classifier.p, 4),
+                                         "call": classifier.call,
+                                         "agrees": classifier.call == quant.call}
         objects.append(build_measurement_report(
             sources, outcome, algorithm, series_instance_uid=sr_series,
             sop_instance_uid=derive_uid(sr_series, 1),
             series_description=self.series_description_sr, procedure_reported=codes.SPECT_BRAIN,
             notes=tuple(notes), predecessors=predecessors))
+        if classifier is not None and quant is not None:
+            objects.append(self._classifier_report(work, classifier, quant, sources))
         if quant is not None:
             objects.append(build_secondary_capture(
                 sources, self._picture(quant), algorithm, series_instance_uid=sc_series,
@@ -132,6 +181,41 @@ class DatSpectPipeline:
                 series_description=self.series_description_sc,
                 caption_lines=self._caption(quant)))
         return PipelineResult(objects, summary, analysed=quant is not None)
+
+    @staticmethod
+    def _classifier_report(work: PipelineInput, c: ClassifierCall,
+                           quant: dat_quant.DatQuantResult, sources: Sequence[Dataset]
+                           ) -> Dataset:
+        """The learned classifier's SR, its own series: reported beside the binding
+        ratios, never blended with them (seed 000's fixed 70/30 blend is the
+        anti-pattern); when the two calls differ, the SR says so."""
+        algorithm = c.model.algorithm
+        series = work.result_uid(algorithm.name, algorithm.version, "sr-series")
+        refs = tuple(str(ds.SOPInstanceUID) for ds in sources)
+        reduced = c.call == "reduced"
+        group = FindingGroup(
+            tracking_id="DaT classifier", finding_type=REDUCED_UPTAKE,
+            finding_site=codes.CORPUS_STRIATUM, laterality=codes.BILATERAL,
+            measurements=(probability(c.p),),
+            evaluations=(Evaluation(REDUCED_UPTAKE, PRESENT if reduced else ABSENT),),
+            source_sop_instance_uids=refs, operating_point=sr_operating_point(c.point))
+        if c.call == quant.call:
+            agreement = (f"AGREEMENT: the classifier ({c.call}) and the binding ratios "
+                         f"({quant.call}) give the same call.")
+        else:
+            agreement = (f"DISAGREEMENT: the classifier calls the scan {c.call.upper()} but "
+                         f"the binding ratios call it {quant.call.upper()} (lower putamen "
+                         f"SBR {min(quant.sbr['putamen_left'], quant.sbr['putamen_right']):.2f}"
+                         f", cut-off {dat_quant.PUTAMEN_SBR_CUTOFF:g}); review the images.")
+        notes = (TextNote(agreement),
+                 TextNote(f"Decision at {describe_point(c.point)}."),
+                 TextNote("The two results are reported side by side and never combined; "
+                          "the binding-ratio report is a separate SR in this study."))
+        return build_measurement_report(
+            sources, Analysed((group,)), algorithm, series_instance_uid=series,
+            sop_instance_uid=derive_uid(series, 1),
+            series_description="AI DaT-SPECT classifier", series_number=902,
+            procedure_reported=codes.SPECT_BRAIN, notes=notes)
 
     @staticmethod
     def _findings(q: dat_quant.DatQuantResult, sources: Sequence[Dataset]

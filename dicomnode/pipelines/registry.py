@@ -16,6 +16,7 @@ BUILTIN: dict[str, str] = {
     "dat_spect": "dicomnode.pipelines.dat_spect:DatSpectPipeline",
     "pneumonia": "dicomnode.pipelines.pneumonia:PneumoniaPipeline",
     "metastasis": "dicomnode.pipelines.metastasis:MetastasisPipeline",
+    "brain_tumour": "dicomnode.pipelines.brain_tumour:BrainTumourPipeline",
 }
 
 
