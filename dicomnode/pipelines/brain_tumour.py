@@ -219,9 +219,18 @@ class BrainTumourPipeline:
                 cams = None if cam_name is None else np.asarray(outputs[cam_name])
                 analysis.result = brain_rules.series_result(logits, cams)
             analyses[modality].append(analysis)
-            if current:
-                objects += self._series_results(work, modality, model, analysis)
-                summary["series"].append(self._series_summary(modality, analysis))
+
+        for modality, found in analyses.items():
+            model = ct_model if modality == "CT" else mr_model
+            mine = [a for a in found if a.current]
+            usable = any(a.result is not None for a in mine)
+            for a in mine:
+                summary["series"].append(self._series_summary(modality, a))
+                # A study's other MR sequences (T2, FLAIR, ...) are expected: when one of
+                # its series could be analysed, the others are listed in the summary
+                # instead of each filling the PACS with a "not analysed" report.
+                if a.result is not None or not usable:
+                    objects += self._series_results(work, modality, model, a)
 
         fusion = self._fusion(work, analyses)
         if fusion is not None:

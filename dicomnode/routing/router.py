@@ -12,7 +12,7 @@ from typing import Any
 
 from dicomnode.config import Route
 from dicomnode.ingest.ledger import NewJob, RouteDecision, SeriesRow
-from dicomnode.routing.rules import MatchResult, evaluate
+from dicomnode.routing.rules import SPECIAL_KEYS, MatchResult, evaluate
 
 # Attributes kept for routing and the rule tester; route keywords are added to these.
 DEFAULT_ROUTING_KEYWORDS: tuple[str, ...] = (
@@ -26,7 +26,7 @@ DEFAULT_ROUTING_KEYWORDS: tuple[str, ...] = (
 
 def routing_keywords(routes: Sequence[Route]) -> tuple[str, ...]:
     extra = [c.keyword for r in routes for c in r.conditions
-             if c.keyword not in DEFAULT_ROUTING_KEYWORDS and c.keyword != "calling_ae_title"]
+             if c.keyword not in DEFAULT_ROUTING_KEYWORDS and c.keyword not in SPECIAL_KEYS]
     return DEFAULT_ROUTING_KEYWORDS + tuple(dict.fromkeys(extra))
 
 
@@ -45,7 +45,7 @@ class Router:
 
     def _attrs(self, series: SeriesRow) -> dict[str, Any]:
         attrs = dict(series.attrs)
-        needed = {c.keyword for r in self.routes for c in r.conditions} - {"calling_ae_title"}
+        needed = {c.keyword for r in self.routes for c in r.conditions} - SPECIAL_KEYS
         if self._load is not None and not needed <= attrs.keys():
             # routes changed since this series was stored: read its header again
             attrs.update({k: v for k, v in self._load(series.series_uid).items()

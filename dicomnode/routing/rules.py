@@ -14,6 +14,11 @@ A route's ``match`` maps a DICOM keyword (or ``calling_ae_title``) to a conditio
 
 UID-valued attributes (SOPClassUID, ...) match by UID or by the UID's registered name,
 so ``SOPClassUID: Nuclear Medicine Image Storage`` works.
+
+Besides DICOM keywords, two derived keys: ``calling_ae_title`` (who sent the series) and
+``image_plane`` (``axial``, ``coronal``, ``sagittal`` or ``oblique``, from
+ImageOrientationPatient with the 30 degree tolerance head-CT gantry tilt needs; empty
+when the series has no orientation, e.g. a radiograph).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-SPECIAL_KEYS = frozenset({"calling_ae_title"})
+SPECIAL_KEYS = frozenset({"calling_ae_title", "image_plane"})
 
 
 class RuleError(Exception):
@@ -172,7 +177,7 @@ def _candidates(keyword: str, value: Any) -> list[str]:
     """String forms a value may match as: itself, and for UIDs also their names."""
     text = "\\".join(str(v) for v in value) if isinstance(value, list) else str(value)
     out = [text]
-    if keyword != "calling_ae_title" and dictionary_VR(keyword) == "UI":
+    if keyword not in SPECIAL_KEYS and dictionary_VR(keyword) == "UI":
         name = UID(text).name
         if name and name != text:
             out.append(name)
@@ -221,8 +226,21 @@ def _test(cond: Condition, attrs: Mapping[str, Any]) -> bool:
     raise AssertionError(cond.kind)
 
 
+def image_plane(orientation: Any) -> str:
+    """The ``image_plane`` routing key from an ImageOrientationPatient value."""
+    from dicomnode.imaging.geometry import plane_of
+
+    try:
+        values = [float(v) for v in orientation]
+        return str(plane_of(values)) if len(values) == 6 else ""
+    except (TypeError, ValueError, ZeroDivisionError):
+        return ""
+
+
 def evaluate(conditions: Sequence[Condition], attrs: Mapping[str, Any]) -> MatchResult:
     """All conditions must hold; the reasons say which did and which did not, and why."""
+    if "image_plane" not in attrs and any(c.keyword == "image_plane" for c in conditions):
+        attrs = {**attrs, "image_plane": image_plane(attrs.get("ImageOrientationPatient"))}
     reasons: list[str] = []
     matched = True
     for cond in conditions:
