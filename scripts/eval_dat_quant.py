@@ -54,7 +54,13 @@ def _round_trip(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
     return out
 
 
-def evaluate(n: int, seed: int, layout: str) -> dict[str, Any]:
+def evaluate(n: int, seed: int, layout: str, classifier: str | None = None,
+             models_dir: Path = Path("models")) -> dict[str, Any]:
+    served = None
+    if classifier:
+        from dicomnode.pipelines.learned import load_model
+
+        served = load_model(models_dir, classifier)
     rows: list[dict[str, Any]] = []
     for index in range(n):
         datasets, truth = build_dat_study(seed, index, layout=layout)  # type: ignore[arg-type]
@@ -67,6 +73,12 @@ def evaluate(n: int, seed: int, layout: str) -> dict[str, Any]:
             rows.append(row)
             continue
         row["call"] = result.call
+        if served is not None:
+            from dicomnode.pipelines.dat_spect import classify
+
+            verdict = classify(served, volume, spacing)
+            row["classifier_call"] = verdict.call
+            row["classifier_p"] = verdict.p
         for key in REGION_KEYS:
             row[key] = (result.sbr[key], truth.sbr[key])
         row["putamen_caudate_ratio"] = (
@@ -130,6 +142,18 @@ def evaluate(n: int, seed: int, layout: str) -> dict[str, Any]:
     summary["true_lower_putamen_sbr_range"] = {
         call: [float(min(v)), float(max(v))] if v else None for call, v in lower.items()
     }
+    both = [r for r in ok if "classifier_call" in r]
+    if both:
+        differ = [r for r in both if r["classifier_call"] != r["call"]]
+        summary["classifier"] = {
+            "name": classifier,
+            "accuracy": sum(r["classifier_call"] == r["truth_call"] for r in both) / len(both),
+            "agreement_with_ratios": 1 - len(differ) / len(both),
+            "disagreements": len(differ),
+            "ratios_right_when_they_differ": sum(r["call"] == r["truth_call"] for r in differ),
+            "classifier_right_when_they_differ": sum(
+                r["classifier_call"] == r["truth_call"] for r in differ),
+        }
     summary["rows"] = rows
     return summary
 
@@ -141,10 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", choices=("multiframe", "slices"), default="multiframe")
     parser.add_argument("--json", type=Path, help="write the per-phantom results here")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--classifier", metavar="MODEL",
+                        help="also run this DaT classifier package (e.g. dat-classifier) and "
+                             "report its accuracy and its agreement with the ratios' call")
+    parser.add_argument("--models", type=Path, default=Path("models"))
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    summary = evaluate(args.n, args.seed, args.layout)
+    summary = evaluate(args.n, args.seed, args.layout, args.classifier, args.models)
     elapsed = time.perf_counter() - started
 
     print(f"phantoms: {args.n} (seed {args.seed}, {args.layout}); failed: {summary['failed']}")
@@ -176,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         f"normal/reduced agreement: {100 * summary['call_agreement']:.1f}%  {summary['confusion']}"
     )
     print(f"true lower putamen SBR range: {summary['true_lower_putamen_sbr_range']}")
+    if "classifier" in summary:
+        print(f"classifier: {json.dumps(summary['classifier'])}")
     print(f"time: {elapsed:.0f} s ({elapsed / args.n:.2f} s per phantom)")
     if summary["call_agreement"] < MIN_AGREEMENT:
         missed.append("call_agreement")
