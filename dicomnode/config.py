@@ -182,6 +182,30 @@ class OutboxSettings:
     timeout_s: float = 30.0
 
 
+_CLOCK_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+
+
+@dataclass(frozen=True)
+class QuerySettings:
+    """Priors from the query source: what is relevant, when and how fast to fetch it.
+
+    ``off_peak`` is a daily window ("HH:MM-HH:MM", may wrap midnight, node local time)
+    outside which the nightly job moves nothing; ``max_moves_per_minute`` caps C-MOVEs
+    per PACS; ``send_to`` receives growth results (default: the query source).
+    """
+
+    source: str | None = None
+    lookback_days: int = 1825
+    modalities: tuple[str, ...] = ("MR",)
+    body_parts: tuple[str, ...] = ("BRAIN", "HEAD")
+    nightly: str | None = "02:00"
+    off_peak: str | None = None
+    max_moves_per_minute: int = 10
+    timeout_s: float = 30.0
+    total_timeout_s: float = 300.0
+    send_to: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class Settings:
     node: NodeSettings
@@ -196,6 +220,7 @@ class Settings:
     log_level: str = "INFO"
     source: Path | None = None
     pipelines: Mapping[str, str] = field(default_factory=dict)
+    query: QuerySettings = field(default_factory=QuerySettings)
 
     @property
     def spool_dir(self) -> Path:
@@ -343,6 +368,59 @@ def _parse_user_identity(r: _Reader, data: Any) -> UserIdentitySettings | None:
         r.problem(f"{key}.users", "required is true but no users are listed: nobody could "
                                   "associate")
     return UserIdentitySettings(required, tuple(users))
+
+
+def _clock_window(r: _Reader, key: str, value: Any, *, window: bool) -> str | None:
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else ""
+    parts = text.split("-") if window else [text]
+    if len(parts) != (2 if window else 1) or not all(_CLOCK_RE.match(p.strip()) for p in parts):
+        shape = '"HH:MM-HH:MM"' if window else '"HH:MM"'
+        r.problem(key, f"expected {shape} (24-hour clock) or null, got {value!r}")
+        return None
+    if window and parts[0].strip() == parts[1].strip():
+        r.problem(key, "start and end are the same; leave it out to allow any time")
+        return None
+    return "-".join(p.strip() for p in parts)
+
+
+def _parse_query(r: _Reader, q: Mapping[str, Any],
+                 destinations: Mapping[str, Destination]) -> QuerySettings:
+    r.unknown(q, "query", {"source", "lookback_days", "modalities", "body_parts", "nightly",
+                           "off_peak", "max_moves_per_minute", "timeout_s", "total_timeout_s",
+                           "send_to"})
+    source = q.get("source")
+    if source is not None and source not in destinations:
+        r.problem("query.source", f"unknown destination {source!r}")
+    lists: dict[str, tuple[str, ...]] = {}
+    for name, default in (("modalities", ("MR",)), ("body_parts", ("BRAIN", "HEAD")),
+                          ("send_to", (str(source),) if source else ())):
+        value = q.get(name, list(default))
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            r.problem(f"query.{name}", f"expected a list of names, got {value!r}")
+            value = list(default)
+        lists[name] = tuple(str(v) for v in value)
+    for dest in lists["send_to"]:
+        if dest not in destinations:
+            r.problem("query.send_to", f"unknown destination {dest!r}")
+    timeout = float(r.number(q, "query", "timeout_s", 30.0, minimum=0.1))
+    total = float(r.number(q, "query", "total_timeout_s", 300.0, minimum=0.1))
+    return QuerySettings(
+        source=str(source) if source is not None else None,
+        lookback_days=r.number(q, "query", "lookback_days", 1825, minimum=1, integer=True),
+        modalities=tuple(m.upper() for m in lists["modalities"]),
+        body_parts=tuple(b.upper() for b in lists["body_parts"]),
+        nightly=_clock_window(r, "query.nightly", q.get("nightly", "02:00"), window=False),
+        off_peak=_clock_window(r, "query.off_peak", q.get("off_peak"), window=True),
+        max_moves_per_minute=r.number(q, "query", "max_moves_per_minute", 10, minimum=1,
+                                      integer=True),
+        timeout_s=timeout,
+        total_timeout_s=total,
+        send_to=lists["send_to"],
+    )
 
 
 def load_settings(path: Path) -> Settings:
@@ -504,10 +582,8 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
                 r.problem("security.tls.destinations", f"unknown destination {name!r}")
 
     q = r.mapping(top.get("query"), "query")
-    r.unknown(q, "query", {"source"})
-    query_source = q.get("source")
-    if query_source is not None and query_source not in destinations:
-        r.problem("query.source", f"unknown destination {query_source!r}")
+    query = _parse_query(r, q, destinations)
+    query_source = query.source
 
     m = r.mapping(top.get("models"), "models")
     r.unknown(m, "models", {"dir"})
@@ -542,4 +618,4 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
     if r.problems:
         raise ConfigError(r.problems)
     return Settings(node, security, completion, destinations, tuple(routes), jobs, outbox,
-                    query_source, models_dir, level, source, plugins)
+                    query_source, models_dir, level, source, plugins, query)

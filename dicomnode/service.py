@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
@@ -15,8 +15,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import dcmread
 
 from dicomnode.config import Settings
+from dicomnode.history.jobs import HistoryService
+from dicomnode.history.timeline import measurement_from_job
 from dicomnode.ingest.completion import CompletionTracker
-from dicomnode.ingest.ledger import Ledger
+from dicomnode.ingest.ledger import JobRow, Ledger
 from dicomnode.ingest.spool import Spool
 from dicomnode.jobs.outbox import OutboxSender
 from dicomnode.jobs.runner import JobRunner
@@ -42,9 +44,12 @@ class Node:
         self.router = Router(settings.routes, header_loader=self._series_header)
         self.completion = CompletionTracker(self.ledger, self.router, settings.completion)
         self.outbox = OutboxSender(settings, self.ledger, self.spool)
-        self.runner = JobRunner(settings, self.ledger, on_finished=self._kick_outbox)
+        self.runner = JobRunner(settings, self.ledger, on_finished=self._kick_outbox,
+                                on_done=self._job_done)
         self.scp = StoreSCP(settings, self.spool, self.ledger)
         self.scheduler = BackgroundScheduler(timezone=UTC)
+        self.history = HistoryService(settings, self.ledger, self.spool,
+                                      on_queued=self._kick_outbox)
         self._stopped = threading.Event()
 
     def _series_header(self, series_uid: str) -> Mapping[str, Any]:
@@ -70,6 +75,15 @@ class Node:
         if job is not None:
             job.modify(next_run_time=datetime.now(UTC))
 
+    def _job_done(self, job: JobRow, summary: Mapping[str, Any],
+                  outputs: Sequence[tuple[str, str, str, str]]) -> None:
+        measurement = measurement_from_job(summary, outputs, job.study_uid)
+        if measurement is None:
+            return
+        patient_key = self.ledger.study_patient_key(job.study_uid)
+        if patient_key is not None:
+            self.history.volume_measured(patient_key, measurement)
+
     def start(self) -> None:
         removed = self.spool.clear_partials()
         jobs, sends = self.ledger.recover()
@@ -86,6 +100,7 @@ class Node:
         self.scheduler.add_job(self._pump, "interval", id="outbox",
                                seconds=self.settings.outbox.interval_s,
                                max_instances=1, coalesce=True, next_run_time=now)
+        self.history.install(self.scheduler)
         self.scheduler.start()
         self.runner.start()
 
@@ -96,6 +111,7 @@ class Node:
         self._stopped.set()
         self.scp.stop()
         self.scheduler.shutdown(wait=True)
+        self.history.uninstall()
         self.runner.stop()
         log.info("stopped")
 

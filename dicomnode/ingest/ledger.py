@@ -29,7 +29,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Each step takes a ledger from version N-1 to N; a ledger written by an older node
+# gains the new tables on open, its existing rows untouched.
+_MIGRATIONS: dict[int, str] = {
+    2: """
+CREATE TABLE IF NOT EXISTS timeline_points (
+    id INTEGER PRIMARY KEY,
+    patient_key TEXT NOT NULL,
+    tracking_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    study_date TEXT NOT NULL,
+    volume_cm3 REAL NOT NULL,
+    source_sop_uid TEXT NOT NULL,
+    source_kind TEXT NOT NULL CHECK (source_kind IN ('node', 'prior-sr')),
+    source_path TEXT,
+    recorded_at REAL NOT NULL,
+    UNIQUE(patient_key, tracking_uid, study_uid)
+);
+CREATE INDEX IF NOT EXISTS timeline_patient ON timeline_points(patient_key, study_date);
+CREATE TABLE IF NOT EXISTS retrieve_events (
+    id INTEGER PRIMARY KEY,
+    patient_key TEXT NOT NULL,
+    source TEXT NOT NULL,
+    study_uid TEXT,
+    series_uid TEXT,
+    outcome TEXT NOT NULL,
+    expected INTEGER,
+    completed INTEGER,
+    failed INTEGER,
+    arrived INTEGER,
+    detail TEXT,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS retrieve_patient ON retrieve_events(patient_key, id);
+""",
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -222,6 +258,41 @@ class RouteDecision:
 
 
 @dataclass(frozen=True)
+class TimelineRow:
+    """One measured volume of one tracked lesion, as cached in the ledger.
+
+    ``source_kind`` is ``node`` (measured by this node) or ``prior-sr`` (read from one of
+    the node's earlier reports retrieved from the PACS).
+    """
+
+    patient_key: str
+    tracking_uid: str
+    study_uid: str
+    study_date: str
+    volume_cm3: float
+    source_sop_uid: str
+    source_kind: str
+    source_path: str | None = None
+
+
+@dataclass(frozen=True)
+class RetrieveEvent:
+    """What one C-FIND/C-MOVE step for a patient's priors gave: ``ok``, ``incomplete``
+    (fewer instances than C-FIND announced), ``error`` or ``skipped``."""
+
+    patient_key: str
+    source: str
+    study_uid: str | None
+    series_uid: str | None
+    outcome: str
+    expected: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    arrived: int | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
 class NewJob:
     route: str
     pipeline: str
@@ -254,8 +325,25 @@ class Ledger:
             row = conn.execute("SELECT value FROM meta WHERE key='salt'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta VALUES ('salt', ?)", (secrets.token_hex(16),))
-                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                conn.execute("INSERT INTO meta VALUES ('schema', '1')")
+        self._migrate(conn)
         self._salt = str(conn.execute("SELECT value FROM meta WHERE key='salt'").fetchone()[0])
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        with self._write():
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            version = int(row[0]) if row is not None else 1
+            for target in sorted(v for v in _MIGRATIONS if v > version):
+                for statement in _MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                version = target
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(version),))
+
+    @property
+    def schema_version(self) -> int:
+        row = self._conn().execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        return int(row[0]) if row is not None else 1
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -634,3 +722,91 @@ class Ledger:
             "(SELECT 1 FROM route_decisions d WHERE d.subject_uid=s.series_uid AND d.matched=1 "
             "AND d.generation=s.generation) ORDER BY s.closed_at DESC LIMIT ?", (limit,))
         return [str(r[0]) for r in rows]
+
+    # -- history: timelines and retrieves ----------------------------------------------
+
+    _TIMELINE_COLS = ("patient_key, tracking_uid, study_uid, study_date, volume_cm3, "
+                      "source_sop_uid, source_kind, source_path")
+
+    def add_timeline_point(self, point: TimelineRow) -> bool:
+        """Add a point unless this lesion already has one for the study; True if added.
+
+        Earlier points are never rewritten: a study's volume is measured once, and a
+        later measurement of another study only adds its own point.
+        """
+        if point.source_kind not in ("node", "prior-sr"):
+            raise ValueError(f"unknown timeline source kind {point.source_kind!r}")
+        with self._write() as c:
+            cur = c.execute(
+                f"INSERT OR IGNORE INTO timeline_points ({self._TIMELINE_COLS}, recorded_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?)",
+                (point.patient_key, point.tracking_uid, point.study_uid, point.study_date,
+                 float(point.volume_cm3), point.source_sop_uid, point.source_kind,
+                 point.source_path, self.clock()))
+            return cur.rowcount == 1
+
+    def timeline_points(self, patient_key: str,
+                        tracking_uid: str | None = None) -> list[TimelineRow]:
+        sql = f"SELECT {self._TIMELINE_COLS} FROM timeline_points WHERE patient_key=?"
+        args: tuple[Any, ...] = (patient_key,)
+        if tracking_uid is not None:
+            sql += " AND tracking_uid=?"
+            args = (patient_key, tracking_uid)
+        rows = self._conn().execute(sql + " ORDER BY study_date, id", args).fetchall()
+        return [TimelineRow(*r) for r in rows]
+
+    def timeline_patients(self) -> list[str]:
+        return [str(r[0]) for r in self._conn().execute(
+            "SELECT DISTINCT patient_key FROM timeline_points ORDER BY patient_key")]
+
+    def study_patient_key(self, study_uid: str) -> str | None:
+        row = self._conn().execute("SELECT patient_key FROM studies WHERE study_uid=?",
+                                   (study_uid,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def patient_instance_paths(self, patient_key: str, limit: int = 1) -> list[str]:
+        """Spool paths of some stored instances of a patient (newest first)."""
+        rows = self._conn().execute(
+            "SELECT i.path FROM instances i JOIN studies s ON s.study_uid = i.study_uid "
+            "WHERE s.patient_key=? ORDER BY i.received_at DESC LIMIT ?",
+            (patient_key, limit)).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def record_retrieve(self, event: RetrieveEvent) -> None:
+        with self._write() as c:
+            c.execute("INSERT INTO retrieve_events (patient_key, source, study_uid, series_uid, "
+                      "outcome, expected, completed, failed, arrived, detail, at) "
+                      "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                      (event.patient_key, event.source, event.study_uid, event.series_uid,
+                       event.outcome, event.expected, event.completed, event.failed,
+                       event.arrived, (event.detail or "")[:2000] or None, self.clock()))
+
+    def retrieve_events(self, patient_key: str | None = None) -> list[RetrieveEvent]:
+        sql = ("SELECT patient_key, source, study_uid, series_uid, outcome, expected, "
+               "completed, failed, arrived, detail FROM retrieve_events")
+        args: tuple[Any, ...] = ()
+        if patient_key is not None:
+            sql += " WHERE patient_key=?"
+            args = (patient_key,)
+        return [RetrieveEvent(*r) for r in self._conn().execute(sql + " ORDER BY id", args)]
+
+    def queue_results(self, outputs: Sequence[tuple[str, str, str, str]],
+                      destinations: Sequence[str]) -> int:
+        """Queue result objects made outside a job (e.g. growth reports); returns rows added."""
+        now = self.clock()
+        added = 0
+        with self._write() as c:
+            for dest in destinations:
+                for sop_uid, class_uid, study_uid, path in outputs:
+                    cur = c.execute(
+                        "INSERT OR IGNORE INTO outbox (job_id, destination, sop_instance_uid, "
+                        "sop_class_uid, study_uid, path, next_attempt_at, created_at) "
+                        "VALUES (NULL,?,?,?,?,?,?,?)",
+                        (dest, sop_uid, class_uid, study_uid, path, now, now))
+                    added += cur.rowcount
+        return added
+
+    def queued(self, sop_instance_uid: str) -> bool:
+        """Whether a result with this UID is already in the outbox (any destination)."""
+        return self._conn().execute("SELECT 1 FROM outbox WHERE sop_instance_uid=? LIMIT 1",
+                                    (sop_instance_uid,)).fetchone() is not None

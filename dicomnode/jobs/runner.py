@@ -12,7 +12,7 @@ import logging
 import multiprocessing as mp
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime
 from multiprocessing.connection import Connection
 from typing import Any
@@ -91,10 +91,16 @@ def _date(value: Any) -> date | None:
 
 class JobRunner:
     def __init__(self, settings: Settings, ledger: Ledger,
-                 on_finished: Callable[[], None] | None = None) -> None:
+                 on_finished: Callable[[], None] | None = None,
+                 on_done: Callable[[JobRow, Mapping[str, Any],
+                                    Sequence[tuple[str, str, str, str]]], None] | None = None
+                 ) -> None:
+        """``on_done`` sees each job that finished with results (e.g. to schedule history
+        jobs for a new volume); it runs after the results are durably queued."""
         self.settings = settings
         self.ledger = ledger
         self.on_finished = on_finished
+        self.on_done = on_done
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -213,6 +219,11 @@ class JobRunner:
                                    route.send_to)
             log.info("job %d done: %d result object(s) queued for %s", job.id,
                      len(outcome.outputs), ", ".join(route.send_to) or "no destination")
+            if self.on_done is not None:
+                try:
+                    self.on_done(job, outcome.summary, outcome.outputs)
+                except Exception:
+                    log.exception("job %d: follow-up after completion failed", job.id)
         else:
             attempts = 0 if kind == "fatal" else self.settings.jobs.max_attempts
             state = self.ledger.fail_job(job.id, str(payload), max_attempts=attempts)

@@ -1,0 +1,312 @@
+"""Priors from a real Orthanc, the timeline, and the growth results back in Orthanc.
+
+Orthanc plays the PACS: it holds each patient's earlier phantom MR studies and the
+node's earlier volume reports. A new volume arrives through the entry point a finished
+tumour_volume job calls (``Node._job_done``); the node then finds and C-MOVEs its own
+earlier reports, builds the timeline and sends a growth SR and plot into the newest
+study. The PACS also misbehaves: it forgets the node (move refused), purges a report
+between the C-FIND that counted it and the C-MOVE (the retrieve stops early), and
+answers too slowly (a total timeout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from dicomnode.config import Settings, parse_settings
+from dicomnode.history.jobs import HistoryService
+from dicomnode.history.priors import MoveThrottle
+from dicomnode.history.timeline import TRACKING_ID, measurements_from_report, record_measurement
+from dicomnode.ingest.ledger import JobRow
+from dicomnode.jobs.execute import encode
+from dicomnode.phantoms.brain_mr import write_brain_mr_growth_study
+from dicomnode.results import codes
+from dicomnode.results.growth import (
+    DOUBLING_TIME,
+    SERIES_DESCRIPTION_SC,
+    SERIES_DESCRIPTION_SR,
+    predicted_volume_code,
+)
+from dicomnode.results.sr import (
+    AlgorithmInfo,
+    Analysed,
+    FindingGroup,
+    MeasurementValue,
+    build_measurement_report,
+    read_measurement_report,
+)
+from dicomnode.results.uids import derive_uid
+from dicomnode.service import Node
+from tests.peers import (
+    Orthanc,
+    free_port,
+    node_config,
+    orthanc_running,
+    require_tool,
+    storescu,
+    wait_for,
+)
+
+VOLUMES_A = [4.0, 6.0, 9.0]
+
+
+def _by_study(paths: list[Path]) -> list[list[Path]]:
+    studies: dict[str, tuple[str, list[Path]]] = {}
+    for p in paths:
+        if p.suffix != ".dcm":
+            continue
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        studies.setdefault(str(ds.StudyInstanceUID), (str(ds.StudyDate), []))[1].append(p)
+    return [files for _, files in sorted(studies.values())]
+
+
+def _volume_report(image: Path, volume: float, out: Path, number: int = 1) -> Path:
+    """A volume SR as the tumour_volume pipeline writes it (the node's earlier report)."""
+    src = pydicom.dcmread(image, stop_before_pixels=True)
+    series = derive_uid("tumour-volume-sr", src.StudyInstanceUID)
+    sr = build_measurement_report(
+        [src],
+        Analysed((FindingGroup(
+            TRACKING_ID, finding_type=codes.FINDING, finding_site=codes.BRAIN,
+            measurements=(MeasurementValue(codes.VOLUME, volume, codes.UCUM_CUBIC_CENTIMETER),),
+            tracking_uid=derive_uid("tumour", str(src.PatientID))),)),
+        AlgorithmInfo("tumour-volume", "1.0.0"),
+        series_instance_uid=series, sop_instance_uid=derive_uid(series, number),
+        instance_number=number, series_description="AI tumour volume")
+    path = out / f"sr-{src.StudyInstanceUID}-{number}.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    return path
+
+
+@dataclasses.dataclass
+class Patient:
+    studies: list[list[Path]]
+    reports: list[Path]
+    volumes: list[float]
+    out: Path
+
+    def header(self, index: int) -> Dataset:
+        return pydicom.dcmread(self.studies[index][0], stop_before_pixels=True)
+
+
+def _patient(out: Path, seed: int, volumes: list[float]) -> Patient:
+    paths = write_brain_mr_growth_study(out, seed=seed, volumes_cm3=volumes, matrix=64,
+                                        n_slices=8)
+    studies = _by_study(paths)
+    reports = [_volume_report(files[0], v, out) for files, v in zip(studies, volumes,
+                                                                    strict=True)]
+    return Patient(studies, reports, volumes, out)
+
+
+class VanishingPrior(MoveThrottle):
+    """Lets the PACS delete one instance after C-FIND counted it, before the C-MOVE."""
+
+    def __init__(self, pacs: Orthanc, sop_instance_uid: str) -> None:
+        super().__init__(60)
+        self.pacs = pacs
+        self.sop_instance_uid = sop_instance_uid
+
+    def acquire(self, deadline: float | None = None) -> bool:
+        found = self.pacs.post("/tools/find", {"Level": "Instance", "Query": {
+            "SOPInstanceUID": self.sop_instance_uid}})
+        for orthanc_id in found:
+            self.pacs.delete(f"/instances/{orthanc_id}")
+        return super().acquire(deadline)
+
+
+def _settings(var: Path, port: int, pacs: Orthanc, slow_port: int) -> Settings:
+    config = node_config(var, port, destinations={
+        "pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port},
+        "slowpacs": {"ae_title": "SLOWPACS", "host": "127.0.0.1", "port": slow_port}},
+        extra={"query": {"source": "pacs", "lookback_days": 730, "nightly": "02:00",
+                         "max_moves_per_minute": 30, "timeout_s": 10,
+                         "total_timeout_s": 60}})
+    return parse_settings(config)
+
+
+def _finish_volume_job(node: Node, patient: Patient, index: int) -> None:
+    """What a finished tumour_volume job hands on: its summary and its stored SR."""
+    sr = pydicom.dcmread(patient.reports[index])
+    stored = node.spool.write_bytes(encode(sr), "results")
+    study = str(sr.StudyInstanceUID)
+    job = JobRow(0, "tumour-volume", "tumour_volume", "series", study, study, (), 0, "done",
+                 1, None)
+    summary = {"analysed": True, "volume_cm3": patient.volumes[index],
+               "study_date": str(sr.StudyDate),
+               "tracking_uid": derive_uid("tumour", str(sr.PatientID))}
+    node._job_done(job, summary, [(str(sr.SOPInstanceUID), str(sr.SOPClassUID), study,
+                                   stored.relpath)])
+
+
+def _in_orthanc(pacs: Orthanc, study_uid: str, description: str) -> list[dict[str, Any]]:
+    found = pacs.post("/tools/find", {"Level": "Instance", "Expand": True,
+                                      "Query": {"StudyInstanceUID": study_uid,
+                                                "SeriesDescription": description}})
+    return list(found)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Patient]:
+    out = tmp_path_factory.mktemp("growth-phantoms")
+    return {"A": _patient(out / "a", 31, VOLUMES_A), "B": _patient(out / "b", 32, [3.0, 3.5])}
+
+
+@pytest.fixture
+def node_and_pacs(tmp_path: Path, phantoms: dict[str, Patient]
+                  ) -> Iterator[tuple[Node, Orthanc]]:
+    port = free_port()
+    # queries are answered for any caller, as many sites configure it; the move
+    # destination must still be a known modality
+    with orthanc_running(tmp_path / "pacs", modalities={
+            "dicomnode": ["DICOMNODE", "127.0.0.1", port]},
+            extra={"DicomAlwaysAllowFind": True, "DicomAlwaysAllowMove": True}) as pacs:
+        a, b = phantoms["A"], phantoms["B"]
+        # the PACS holds the earlier studies and the node's earlier reports
+        storescu(pacs.dicom_port, [*a.studies[0], *a.studies[1], a.reports[0], a.reports[1],
+                                   *b.studies[0]], aec=pacs.aet, extra=["-R"])
+        # B's earlier report series holds two reports
+        second = _volume_report(b.studies[0][0], b.volumes[0], b.out, number=2)
+        storescu(pacs.dicom_port, [b.reports[0], second], aec=pacs.aet, extra=["-R"])
+        node = Node(_settings(tmp_path / "var", port, pacs, free_port()))
+        node.start()
+        try:
+            # the newest studies arrive at the node as from the modality
+            storescu(port, [*a.studies[2], *b.studies[1]])
+            yield node, pacs
+        finally:
+            node.stop()
+
+
+def test_priors_timeline_and_growth_results_in_orthanc(
+        node_and_pacs: tuple[Node, Orthanc], phantoms: dict[str, Patient],
+        tmp_path: Path) -> None:
+    node, pacs = node_and_pacs
+    a = phantoms["A"]
+    newest = a.header(2)
+    study = str(newest.StudyInstanceUID)
+    _finish_volume_job(node, a, 2)
+
+    # the one-off job retrieves both earlier reports and sends SR + plot into the study
+    wait_for(lambda: len(_in_orthanc(pacs, study, SERIES_DESCRIPTION_SR)) == 1
+             and len(_in_orthanc(pacs, study, SERIES_DESCRIPTION_SC)) == 1, 120,
+             "the growth SR and plot in Orthanc")
+    patient_key = node.ledger.study_patient_key(study)
+    assert patient_key is not None
+    points = node.ledger.timeline_points(patient_key)
+    assert [(p.study_date, p.volume_cm3, p.source_kind) for p in points] == [
+        (str(a.header(0).StudyDate), 4.0, "prior-sr"),
+        (str(a.header(1).StudyDate), 6.0, "prior-sr"),
+        (str(newest.StudyDate), 9.0, "node")]
+    assert {p.tracking_uid for p in points} == {derive_uid("tumour", str(newest.PatientID))}
+    events = node.ledger.retrieve_events(patient_key)
+    assert [(e.outcome, e.expected, e.completed, e.arrived) for e in events] == [
+        ("ok", 1, 1, 1), ("ok", 1, 1, 1)]
+    # the reports came by C-MOVE into the node; the priors' images did not
+    for report in a.reports[:2]:
+        assert node.ledger.has_instance(str(pydicom.dcmread(report).SOPInstanceUID))
+    assert not node.ledger.has_instance(str(a.header(0).SOPInstanceUID))
+
+    sr_id = _in_orthanc(pacs, study, SERIES_DESCRIPTION_SR)[0]["ID"]
+    sc_id = _in_orthanc(pacs, study, SERIES_DESCRIPTION_SC)[0]["ID"]
+    sr = pydicom.dcmread(io.BytesIO(pacs.instance_file(sr_id)))
+    sc = pydicom.dcmread(io.BytesIO(pacs.instance_file(sc_id)))
+    assert sr.PatientID == sc.PatientID == newest.PatientID
+    report = read_measurement_report(sr)
+    assert isinstance(report.outcome, Analysed)
+    values = {m.concept: m.value for m in report.outcome.findings[0].measurements}
+    assert values[predicted_volume_code(365.0)] > 9.0
+    assert DOUBLING_TIME in values
+    notes = [n.text for n in report.notes]
+    assert sum(n.startswith("History: ") for n in notes) == 3
+    assert any(str(a.header(0).StudyInstanceUID) in n for n in notes)
+    assert sc.SamplesPerPixel == 3 and sc.BurnedInAnnotation == "YES"
+    require_tool("dciodvfy")
+    from dicomnode.results.validate import validate_result
+
+    validate_result(sr)
+    validate_result(sc)
+
+    # running again (the nightly job) adds nothing and re-sends nothing
+    queued = len(node.ledger.outbox())
+    node.history.run_nightly()
+    assert len(node.ledger.timeline_points(patient_key)) == 3
+    assert len(node.ledger.outbox()) == queued
+
+
+def test_a_refused_move_then_a_retrieve_that_stops_early(
+        node_and_pacs: tuple[Node, Orthanc], phantoms: dict[str, Patient]) -> None:
+    node, pacs = node_and_pacs
+    b = phantoms["B"]
+    study = str(b.header(1).StudyInstanceUID)
+    pacs.delete("/modalities/dicomnode")  # the PACS no longer knows the node
+    _finish_volume_job(node, b, 1)
+    patient_key = node.ledger.study_patient_key(study)
+    assert patient_key is not None
+    wait_for(lambda: node.ledger.retrieve_events(patient_key), 60, "the refused move recorded")
+    (refused,) = node.ledger.retrieve_events(patient_key)
+    assert refused.outcome == "error"
+    assert refused.detail is not None and "does not know the move destination 'DICOMNODE'" \
+        in refused.detail
+    assert node.scheduler.running and node.scp is not None
+
+    pacs._request("PUT", "/modalities/dicomnode",
+                  b'["DICOMNODE", "127.0.0.1", %d]' % node.settings.node.port)
+    # between the C-FIND that counted two reports and the C-MOVE, one is purged
+    second = _volume_report(b.studies[0][0], b.volumes[0], b.out, number=2)
+    node.history.fetcher.throttle = VanishingPrior(
+        pacs, str(pydicom.dcmread(second, stop_before_pixels=True).SOPInstanceUID))
+    outcome = node.history.run_patient(patient_key)
+    assert not outcome.errors and outcome.priors is not None
+    assert outcome.priors.incomplete
+    last = node.ledger.retrieve_events(patient_key)[-1]
+    assert (last.outcome, last.expected, last.completed, last.arrived) == ("incomplete", 2,
+                                                                           1, 1)
+    assert last.detail is not None and "stopped early" in last.detail
+    # what did arrive is used: the earlier volume joins the new one, and growth follows
+    points = node.ledger.timeline_points(patient_key)
+    assert [(p.volume_cm3, p.source_kind) for p in points] == [(3.0, "prior-sr"),
+                                                               (3.5, "node")]
+    assert len(outcome.results) == 2
+
+
+def test_a_slow_pacs_hits_the_total_timeout(tmp_path: Path, node_and_pacs: tuple[Node, Orthanc],
+                                            phantoms: dict[str, Patient]) -> None:
+    node, _ = node_and_pacs
+    a = phantoms["A"]
+    lua = tmp_path / "slow.lua"
+    lua.write_text('function IncomingFindRequestFilter(query, origin)\n'
+                   '  os.execute("sleep 8")\n  return query\nend\n')
+    with orthanc_running(tmp_path / "slow", aet="SLOWPACS",
+                         extra={"LuaScripts": [str(lua)]}) as slow:
+        storescu(slow.dicom_port, [*a.studies[0], a.reports[0]], aec="SLOWPACS", extra=["-R"])
+        settings = node.settings
+        query = dataclasses.replace(settings.query, source="slowpacs", timeout_s=2,
+                                    total_timeout_s=3)
+        destinations = dict(settings.destinations)
+        destinations["slowpacs"] = dataclasses.replace(destinations["slowpacs"],
+                                                       port=slow.dicom_port)
+        slow_settings = dataclasses.replace(settings, query=query, destinations=destinations)
+        history = HistoryService(slow_settings, node.ledger, node.spool)
+        patient_key = node.ledger.study_patient_key(str(a.header(2).StudyInstanceUID))
+        assert patient_key is not None
+        sr = pydicom.dcmread(a.reports[2])
+        stored = node.spool.write_bytes(encode(sr), "results")
+        (point,) = measurements_from_report(sr, source_path=stored.relpath, kind="node")
+        record_measurement(node.ledger, patient_key, point)
+        t0 = time.monotonic()
+        outcome = history.fetcher.fetch(patient_key)
+        assert time.monotonic() - t0 < 8
+        assert outcome.errors
+        (last,) = [e for e in node.ledger.retrieve_events(patient_key)
+                   if e.source == "slowpacs"]
+        assert last.outcome == "error"
+        assert last.detail is not None and "C-FIND studies" in last.detail

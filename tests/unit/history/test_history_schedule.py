@@ -1,0 +1,129 @@
+"""Scheduling of history jobs: persistence across restarts, throttling, off-peak window."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicomnode.history.jobstore import SqliteJobStore
+from dicomnode.history.priors import MoveThrottle, OffPeakWindow
+from dicomnode.ingest.ledger import Ledger
+
+RAN: list[str] = []
+RAN_EVENT = threading.Event()
+
+
+def record_run(value: str) -> None:
+    RAN.append(value)
+    RAN_EVENT.set()
+
+
+def scheduler_on(path: Path) -> BackgroundScheduler:
+    scheduler = BackgroundScheduler(timezone=UTC)
+    scheduler.add_jobstore(SqliteJobStore(path), "history")
+    return scheduler
+
+
+def test_a_job_survives_a_restart_of_the_scheduler_on_the_same_store(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)  # the store lives in the ledger database, beside its tables
+    first = scheduler_on(path)
+    first.start(paused=True)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    first.add_job(f"{__name__}:record_run", "date", run_date=later, args=["after restart"],
+                  id="volume-pk-1", jobstore="history", misfire_grace_time=None)
+    first.shutdown(wait=True)
+
+    RAN.clear()
+    RAN_EVENT.clear()
+    second = scheduler_on(path)
+    second.start()
+    try:
+        job = second.get_job("volume-pk-1", jobstore="history")
+        assert job is not None and job.args == ("after restart",)
+        assert abs(job.next_run_time.timestamp() - later.timestamp()) < 1
+        job.modify(next_run_time=datetime.now(UTC))
+        assert RAN_EVENT.wait(10)
+        assert RAN == ["after restart"]
+        # a one-off job is gone once it ran, also from the database
+        assert second.get_job("volume-pk-1", jobstore="history") is None
+    finally:
+        second.shutdown(wait=True)
+    assert ledger.timeline_points("none") == []  # the ledger is still readable
+
+
+def test_a_job_missed_while_the_node_was_down_runs_on_start(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    first = scheduler_on(path)
+    first.start(paused=True)
+    first.add_job(f"{__name__}:record_run", "date",
+                  run_date=datetime.now(UTC) + timedelta(seconds=0.5), args=["missed"],
+                  id="volume-pk-2", jobstore="history", misfire_grace_time=None)
+    first.shutdown(wait=True)
+    RAN.clear()
+    RAN_EVENT.clear()
+    second = scheduler_on(path)
+    second.start()
+    try:
+        assert RAN_EVENT.wait(10)
+        assert RAN == ["missed"]
+    finally:
+        second.shutdown(wait=True)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_the_throttle_allows_n_moves_in_any_minute() -> None:
+    clock = FakeClock()
+    throttle = MoveThrottle(3, clock=clock, sleep=clock.sleep)
+    starts = []
+    for _ in range(7):
+        assert throttle.acquire()
+        starts.append(clock.now)
+        clock.now += 1.0  # each move takes a second
+    assert starts == [100.0, 101.0, 102.0, 160.0, 161.0, 162.0, 220.0]
+    assert all(b - a >= 60.0 for a, b in zip(starts, starts[3:], strict=False))
+
+
+def test_the_throttle_gives_up_at_a_deadline_instead_of_waiting_past_it() -> None:
+    clock = FakeClock()
+    throttle = MoveThrottle(1, clock=clock, sleep=clock.sleep)
+    assert throttle.acquire()
+    assert not throttle.acquire(deadline=clock.now + 30)
+    assert clock.slept == []
+    assert throttle.acquire(deadline=clock.now + 90)
+    with pytest.raises(ValueError):
+        MoveThrottle(0)
+
+
+def test_the_off_peak_window_wraps_midnight() -> None:
+    window = OffPeakWindow.parse("22:00-06:00")
+    day = datetime(2026, 3, 1)
+    assert window.contains(day.replace(hour=23, minute=30))
+    assert window.contains(day.replace(hour=5, minute=59))
+    assert not window.contains(day.replace(hour=6))
+    assert not window.contains(day.replace(hour=12))
+    assert window.closes_at(day.replace(hour=23)) == datetime(2026, 3, 2, 6, 0)
+    assert window.closes_at(day.replace(hour=2)) == datetime(2026, 3, 1, 6, 0)
+    assert window.closes_at(day.replace(hour=12)) is None
+    daytime = OffPeakWindow.parse("12:00-13:30")
+    assert daytime.contains(day.replace(hour=13, minute=29))
+    assert not daytime.contains(day.replace(hour=13, minute=30))
+    for bad in ("22:00", "10:00-10:00", "ab-cd"):
+        with pytest.raises(ValueError):
+            OffPeakWindow.parse(bad)
