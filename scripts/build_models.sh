@@ -96,10 +96,19 @@ build_dat_classifier() {
         --augment seed000 --epochs 40 --n-boot 2000
 }
 
+build_tumour_seg() {
+    # Issue 5: compact 2D U-Net (width 8, 96 x 96) for the brain tumour mask (necrotic core
+    # + enhancing/solid tumour) on T1 post-contrast MR; per-volume Dice and volume error
+    # on held-out phantoms of another seed, measured through the served package.
+    run "$PYTHON" -m dicomnode.cli train tumour-seg --out "$OUT" "${COMMON[@]}" \
+        --data phantom --seed 0 --n-train 60 --n-test 30 --size 96 --phantom-size 128 \
+        --width 8 --epochs 8 --batch-size 16 --lr 0.002 --n-boot 2000
+}
+
 # brain-tumour-fusion starts its encoders from the brain-tumour-ct and brain-tumour-mr
 # checkpoints in the same --out folder, so it comes after them.
 ALL_MODELS=(pneumonia-cxr metastasis-ct brain-tumour-ct brain-tumour-mr brain-tumour-fusion
-            dat-classifier)
+            dat-classifier tumour-seg)
 
 if ((${#SELECTED[@]} == 0)); then SELECTED=("${ALL_MODELS[@]}"); fi
 for model in "${SELECTED[@]}"; do
@@ -110,6 +119,7 @@ for model in "${SELECTED[@]}"; do
         brain-tumour-mr) build_brain_tumour_mr ;;
         brain-tumour-fusion) build_brain_tumour_fusion ;;
         dat-classifier) build_dat_classifier ;;
+        tumour-seg) build_tumour_seg ;;
         *) echo "unknown model $model (known: ${ALL_MODELS[*]})" >&2; exit 2 ;;
     esac
 done

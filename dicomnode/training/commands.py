@@ -404,7 +404,7 @@ def _stream(options: TaskOptions) -> TextIO | None:
 
 # Task modules register themselves on import, replacing the placeholders above. They are
 # imported when a task is needed, not with the CLI: `dicomnode serve` never pays for them.
-_TASK_MODULES = ("tasks_metastasis", "tasks_brain", "tasks_dat")
+_TASK_MODULES = ("tasks_metastasis", "tasks_brain", "tasks_dat", "tasks_segmentation")
 
 
 def load_task_modules() -> None:
