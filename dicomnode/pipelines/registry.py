@@ -17,6 +17,7 @@ BUILTIN: dict[str, str] = {
     "pneumonia": "dicomnode.pipelines.pneumonia:PneumoniaPipeline",
     "metastasis": "dicomnode.pipelines.metastasis:MetastasisPipeline",
     "brain_tumour": "dicomnode.pipelines.brain_tumour:BrainTumourPipeline",
+    "tumour_volume": "dicomnode.pipelines.tumour_volume:TumourVolumePipeline",
 }
 
 

@@ -101,7 +101,7 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Dataset]:
     ("chest", {"pneumonia-cxr"}),
     ("head-ct", {"metastasis-ct", "brain-tumour"}),
     ("brain-ct", {"metastasis-ct", "brain-tumour"}),
-    ("mr-T1 post contrast", {"brain-tumour"}),
+    ("mr-T1 post contrast", {"brain-tumour", "tumour-volume"}),
     # the route takes the whole brain MR study; the pipeline reports on its T1C series
     ("mr-T2 TSE axial", {"brain-tumour"}),
 ])

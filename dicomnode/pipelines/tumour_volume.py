@@ -1,0 +1,176 @@
+"""Brain tumour segmentation and volume on T1 post-contrast MR, served (issue 5 §1).
+
+Every slice of the series goes through the ``tumour-seg`` U-Net with the card's spec; the
+per-pixel probabilities are stretched back to the source grid (the spec's resize is a
+plain stretch, so its inverse is one too) and thresholded at the card's operating point,
+so the mask lies on the scanner's voxels and the volume is counted in them.
+
+Results, in the source study: a binary DICOM Segmentation (one segment "Tumour") and a
+TID 1500 SR with the tumour volume in cm3. The SR's Tracking UID for the lesion is a
+one-way hash of the patient key (PatientID and its issuer, never written anywhere), so
+the same patient's tumour keeps one Tracking UID across studies, which is what the
+longitudinal jobs join on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dicom_codes
+from pydicom.sr.coding import Code
+
+from dicomnode.imaging import check_spacing, sort_datasets
+from dicomnode.imaging.geometry import sort_slices
+from dicomnode.inference.aggregate import sigmoid
+from dicomnode.pipelines.base import PipelineInput, PipelineResult
+from dicomnode.pipelines.brain_tumour import MR_BRAIN, mr_problem
+from dicomnode.pipelines.learned import (
+    ServedModel,
+    describe_point,
+    load_model,
+    result_uids,
+    sr_operating_point,
+)
+from dicomnode.results import codes
+from dicomnode.results.common import MANUFACTURER, no_person_name_warnings, software_versions
+from dicomnode.results.sr import (
+    Analysed,
+    FindingGroup,
+    MeasurementValue,
+    NotAnalysed,
+    Outcome,
+    TextNote,
+    build_measurement_report,
+)
+from dicomnode.results.uids import derive_uid
+
+__all__ = ["NEOPLASM", "TRACKING_ID", "TumourVolumePipeline", "tracking_uid", "tumour_mask"]
+
+NEOPLASM = Code("108369006", "SCT", "Neoplasm")
+TRACKING_ID = "brain tumour"
+SEGMENT_LABEL = "Tumour"
+MODEL_NAME = "tumour-seg"
+DEFAULT_POINT = "voxel-0.5"
+
+
+def tracking_uid(datasets: Sequence[Dataset]) -> str:
+    """The lesion's Tracking UID: a one-way hash of the patient key, the same in every study."""
+    first = datasets[0]
+    return derive_uid("tumour-track", str(first.get("PatientID", "") or ""),
+                      str(first.get("IssuerOfPatientID", "") or ""))
+
+
+def tumour_mask(model: ServedModel, slices: Sequence[Dataset], threshold: float
+                ) -> npt.NDArray[np.bool_]:
+    """(slices, Rows, Columns) tumour mask of a sorted series, on the source grid."""
+    outputs = model.run(model.preprocess(slices))
+    name = next(o.name for o in model.card.outputs if o.kind == "logits")
+    logits = np.asarray(outputs[name], dtype=np.float64)
+    probabilities = sigmoid(logits.reshape(len(slices), *logits.shape[-2:])).astype(np.float32)
+    rows, columns = int(slices[0].Rows), int(slices[0].Columns)
+    mask = np.empty((len(slices), rows, columns), dtype=np.bool_)
+    for k in range(len(slices)):
+        mask[k] = cv2.resize(probabilities[k], (columns, rows),
+                             interpolation=cv2.INTER_LINEAR) >= threshold
+    return mask
+
+
+def voxel_mm3(slices: Sequence[Dataset]) -> float:
+    spacing = check_spacing(sort_slices(slices)).spacing
+    if spacing is None:
+        spacing = float(slices[0].get("SpacingBetweenSlices", slices[0].SliceThickness))
+    row_mm, column_mm = (float(v) for v in slices[0].PixelSpacing)
+    return row_mm * column_mm * float(spacing)
+
+
+def build_segmentation(slices: Sequence[Dataset], mask: npt.NDArray[np.bool_],
+                       model: ServedModel, *, series_instance_uid: str, track_uid: str
+                       ) -> Dataset:
+    """A binary SEG of ``mask`` on ``slices`` (one frame per slice that holds tumour)."""
+    algorithm = model.algorithm
+    identification = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name, version=algorithm.version,
+        family=dicom_codes.cid7162.ArtificialIntelligence,
+        source=MANUFACTURER,
+        parameters={"model sha256": algorithm.sha256 or "none"})
+    segment = hd.seg.SegmentDescription(
+        segment_number=1, segment_label=SEGMENT_LABEL,
+        segmented_property_category=dicom_codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=NEOPLASM,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=identification,
+        tracking_uid=track_uid, tracking_id=TRACKING_ID,
+        anatomic_regions=[codes.BRAIN])
+    with no_person_name_warnings():
+        seg = hd.seg.Segmentation(
+            source_images=list(slices), pixel_array=mask.astype(np.uint8),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[segment],
+            series_instance_uid=series_instance_uid, series_number=901,
+            sop_instance_uid=derive_uid(series_instance_uid, 1), instance_number=1,
+            manufacturer=MANUFACTURER, manufacturer_model_name=algorithm.name,
+            software_versions=algorithm.label[:64],
+            device_serial_number=(algorithm.sha256 or algorithm.version)[:16],
+            content_label="TUMOUR", content_description="AI tumour segmentation",
+            omit_empty_frames=bool(mask.any()),
+            series_description="AI tumour segmentation")
+    seg.add_new("SoftwareVersions", "LO", list(software_versions(algorithm)))
+    return seg
+
+
+class TumourVolumePipeline:
+    name = "dicomnode tumour volume MR"
+    version = "1"
+    model_name = MODEL_NAME
+
+    def run(self, work: PipelineInput) -> PipelineResult:
+        model = load_model(work.models_dir, str(work.options.get("model", self.model_name)),
+                           work.options)
+        point = model.operating_point(work.options.get("operating_point"), (DEFAULT_POINT,))
+        algorithm = model.algorithm
+        sr_series = result_uids(work, algorithm, "sr")
+        datasets = list(work.datasets)
+        first = datasets[0]
+        track = tracking_uid(datasets)
+        study_date = str(first.get("StudyDate", "") or "")
+        notes = [TextNote(
+            f"Tumour = necrotic core + enhancing/solid tumour (oedema excluded), segmented "
+            f"slice by slice; voxels at or above {describe_point(point)}. The Tracking UID "
+            "is the same for this patient's brain tumour in every study.")]
+        problem = mr_problem(datasets)
+        objects: list[Dataset] = []
+        summary: dict[str, Any]
+        if problem is not None:
+            outcome: Outcome = NotAnalysed(f"Not analysed: {problem}.")
+            summary = {"analysed": False, "reason": problem, "study_date": study_date,
+                       "tracking_uid": track}
+        else:
+            slices = sort_datasets(datasets)
+            mask = tumour_mask(model, slices, point.threshold)
+            volume = float(mask.sum()) * voxel_mm3(slices) / 1000.0
+            with_tumour = [i for i in range(len(slices)) if mask[i].any()]
+            outcome = Analysed((FindingGroup(
+                tracking_id=TRACKING_ID, finding_type=NEOPLASM, finding_site=codes.BRAIN,
+                measurements=(MeasurementValue(codes.VOLUME, round(volume, 3),
+                                               codes.UCUM_CUBIC_CENTIMETER),),
+                source_sop_instance_uids=tuple(str(slices[i].SOPInstanceUID)
+                                               for i in with_tumour),
+                operating_point=sr_operating_point(point), tracking_uid=track),))
+            objects.append(build_segmentation(
+                slices, mask, model, series_instance_uid=result_uids(work, algorithm, "seg"),
+                track_uid=track))
+            summary = {"analysed": True, "volume_cm3": round(volume, 3),
+                       "study_date": study_date, "tracking_uid": track,
+                       "slices": len(slices), "slices_with_tumour": len(with_tumour)}
+        objects.insert(0, build_measurement_report(
+            datasets, outcome, algorithm, series_instance_uid=sr_series,
+            sop_instance_uid=derive_uid(sr_series, 1),
+            series_description="AI tumour volume report", procedure_reported=MR_BRAIN,
+            notes=tuple(notes)))
+        return PipelineResult(objects, summary, analysed=problem is None)
