@@ -204,6 +204,7 @@ class QuerySettings:
     timeout_s: float = 30.0
     total_timeout_s: float = 300.0
     send_to: tuple[str, ...] = ()
+    reanalyse_images: bool = True
 
 
 @dataclass(frozen=True)
@@ -389,7 +390,11 @@ def _parse_query(r: _Reader, q: Mapping[str, Any],
                  destinations: Mapping[str, Destination]) -> QuerySettings:
     r.unknown(q, "query", {"source", "lookback_days", "modalities", "body_parts", "nightly",
                            "off_peak", "max_moves_per_minute", "timeout_s", "total_timeout_s",
-                           "send_to"})
+                           "send_to", "reanalyse_images"})
+    reanalyse = q.get("reanalyse_images", True)
+    if not isinstance(reanalyse, bool):
+        r.problem("query.reanalyse_images", f"expected true or false, got {reanalyse!r}")
+        reanalyse = True
     source = q.get("source")
     if source is not None and source not in destinations:
         r.problem("query.source", f"unknown destination {source!r}")
@@ -420,6 +425,7 @@ def _parse_query(r: _Reader, q: Mapping[str, Any],
         timeout_s=timeout,
         total_timeout_s=total,
         send_to=lists["send_to"],
+        reanalyse_images=reanalyse,
     )
 
 

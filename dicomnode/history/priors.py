@@ -13,9 +13,11 @@ that actually arrived in the ledger, so a retrieve that stops early is recorded 
 Moves are throttled per PACS (``query.max_moves_per_minute``) and the nightly run stops
 moving when its off-peak window (``query.off_peak``) closes.
 
-Not done here (follow-up): studies with images but no node SR are recorded as
-``skipped`` with the reason; re-analysing their images would need the images moved and
-the tumour_volume pipeline run on them as a job.
+A relevant prior without a node report has its images moved instead
+(``query.reanalyse_images``, on by default): they arrive like any study, the node's routes
+analyse them (the tumour_volume route), and the finished job adds the prior's point
+through the same entry point as a new study. With it off, such priors are recorded as
+``skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -169,6 +171,7 @@ class PriorsReport:
     incomplete: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    moved_for_analysis: list[str] = field(default_factory=list)
     points_added: int = 0
     stopped_early: str | None = None
 
@@ -318,10 +321,17 @@ class PriorsFetcher:
                 report.skipped.append(study_uid)
                 continue
             reports = [s for s in series if is_node_report_series(s)]
+            images = False
+            if not reports and self.query.reanalyse_images:
+                # no report: the images come instead, and the node's routes analyse them
+                # like any arriving study; the volume joins the timeline when that job ends
+                reports = [s for s in series
+                           if str(s.get("Modality", "")) in self.query.modalities]
+                images = True
             if not reports:
                 self._event(patient_key, "skipped", study=study_uid,
-                            detail="no node report in the study; re-analysing its images "
-                                   "is not implemented yet")
+                            detail="no node report in the study, and re-analysing its "
+                                   "images is off (query.reanalyse_images)")
                 report.skipped.append(study_uid)
                 continue
             for item in reports:
@@ -331,18 +341,26 @@ class PriorsFetcher:
                                 detail="off-peak window closed; continues next night")
                     return report
                 outcome = self._retrieve(client, patient_key, study_uid, item, deadline,
-                                         report)
+                                         report, images=images)
                 if outcome == "stop":
                     return report
         return report
 
     def _retrieve(self, client: QueryClient, patient_key: str, study_uid: str,
-                  series: Dataset, deadline: float | None, report: PriorsReport) -> str:
+                  series: Dataset, deadline: float | None, report: PriorsReport, *,
+                  images: bool = False) -> str:
+        """C-MOVE one series to the node unless it is already there, and check the count.
+
+        ``images``: an image series moved for re-analysis (nothing to read here).
+        """
         series_uid = str(series.SeriesInstanceUID)
         expected = _count(series.get("NumberOfSeriesRelatedInstances"))
         arrived = self._arrived(series_uid)
         completed: int | None = None
         failed: int | None = None
+        what = "images for re-analysis: " if images else ""
+        if images and expected is not None and arrived >= expected:
+            return "next"  # moved before; its analysis adds the point
         if expected is None or arrived < expected:
             if not self.throttle.acquire(self._monotonic_deadline(deadline)):
                 report.stopped_early = "off-peak window closed while throttled"
@@ -365,12 +383,13 @@ class PriorsFetcher:
                 # a failure after some sub-operations: the retrieve stopped early
                 self._event(patient_key, "incomplete", study=study_uid, series=series_uid,
                             expected=expected, arrived=arrived,
-                            detail=f"retrieve stopped early: {arrived} of {expected} "
+                            detail=f"{what}retrieve stopped early: {arrived} of {expected} "
                                    f"instance(s) arrived; C-MOVE: {exc}")
                 report.incomplete.append(series_uid)
                 log.warning("priors: retrieve of a prior series stopped early (%s of %s)",
                             arrived, expected)
-                report.points_added += self._read_reports(patient_key, series_uid)
+                if not images:
+                    report.points_added += self._read_reports(patient_key, series_uid)
                 return "next"
             completed, failed = result.completed, result.failed
             arrived = self._arrived(series_uid)
@@ -379,16 +398,20 @@ class PriorsFetcher:
         if short or (failed or 0) > 0:
             self._event(patient_key, "incomplete", study=study_uid, series=series_uid,
                         expected=expected, completed=completed, failed=failed, arrived=arrived,
-                        detail=f"retrieve stopped early: {arrived} of {expected} instance(s) "
-                               f"arrived ({completed} completed, {failed} failed)")
+                        detail=f"{what}retrieve stopped early: {arrived} of {expected} "
+                               f"instance(s) arrived ({completed} completed, {failed} failed)")
             report.incomplete.append(series_uid)
             log.warning("priors: retrieve of a prior series stopped early (%s of %s)",
                         arrived, expected)
         else:
             self._event(patient_key, "ok", study=study_uid, series=series_uid,
-                        expected=expected, completed=completed, failed=failed, arrived=arrived)
+                        expected=expected, completed=completed, failed=failed, arrived=arrived,
+                        detail=what.rstrip(": ") or None)
             report.retrieved_series.append(series_uid)
-        report.points_added += self._read_reports(patient_key, series_uid)
+        if images:
+            report.moved_for_analysis.append(series_uid)
+        else:
+            report.points_added += self._read_reports(patient_key, series_uid)
         return "next"
 
     def _monotonic_deadline(self, deadline: float | None) -> float | None:

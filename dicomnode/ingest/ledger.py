@@ -702,6 +702,14 @@ class Ledger:
                 f"SELECT state, count(*) FROM {table} GROUP BY state")}
         out["instances"] = {"stored": int(conn.execute(
             "SELECT count(*) FROM instances").fetchone()[0])}
+        if self.schema_version >= 2:
+            history = {"timeline_points": int(conn.execute(
+                "SELECT count(*) FROM timeline_points").fetchone()[0]),
+                "patients": int(conn.execute(
+                    "SELECT count(DISTINCT patient_key) FROM timeline_points").fetchone()[0])}
+            history.update({f"retrieves_{s}": int(n) for s, n in conn.execute(
+                "SELECT outcome, count(*) FROM retrieve_events GROUP BY outcome")})
+            out["history"] = history
         return out
 
     def failures(self, limit: int = 50) -> dict[str, list[dict[str, Any]]]:

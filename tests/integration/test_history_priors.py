@@ -56,7 +56,7 @@ from tests.peers import (
     wait_for,
 )
 
-VOLUMES_A = [4.0, 6.0, 9.0]
+VOLUMES_A = [3.0, 4.0, 6.0, 9.0]  # the first prior has images only, no node report
 
 
 def _by_study(paths: list[Path]) -> list[list[Path]]:
@@ -171,8 +171,8 @@ def node_and_pacs(tmp_path: Path, phantoms: dict[str, Patient]
             extra={"DicomAlwaysAllowFind": True, "DicomAlwaysAllowMove": True}) as pacs:
         a, b = phantoms["A"], phantoms["B"]
         # the PACS holds the earlier studies and the node's earlier reports
-        storescu(pacs.dicom_port, [*a.studies[0], *a.studies[1], a.reports[0], a.reports[1],
-                                   *b.studies[0]], aec=pacs.aet, extra=["-R"])
+        storescu(pacs.dicom_port, [*a.studies[0], *a.studies[1], *a.studies[2], a.reports[1],
+                                   a.reports[2], *b.studies[0]], aec=pacs.aet, extra=["-R"])
         # B's earlier report series holds two reports
         second = _volume_report(b.studies[0][0], b.volumes[0], b.out, number=2)
         storescu(pacs.dicom_port, [b.reports[0], second], aec=pacs.aet, extra=["-R"])
@@ -180,7 +180,7 @@ def node_and_pacs(tmp_path: Path, phantoms: dict[str, Patient]
         node.start()
         try:
             # the newest studies arrive at the node as from the modality
-            storescu(port, [*a.studies[2], *b.studies[1]])
+            storescu(port, [*a.studies[3], *b.studies[1]])
             yield node, pacs
         finally:
             node.stop()
@@ -191,9 +191,9 @@ def test_priors_timeline_and_growth_results_in_orthanc(
         tmp_path: Path) -> None:
     node, pacs = node_and_pacs
     a = phantoms["A"]
-    newest = a.header(2)
+    newest = a.header(3)
     study = str(newest.StudyInstanceUID)
-    _finish_volume_job(node, a, 2)
+    _finish_volume_job(node, a, 3)
 
     # the one-off job retrieves both earlier reports and sends SR + plot into the study
     wait_for(lambda: len(_in_orthanc(pacs, study, SERIES_DESCRIPTION_SR)) == 1
@@ -203,17 +203,22 @@ def test_priors_timeline_and_growth_results_in_orthanc(
     assert patient_key is not None
     points = node.ledger.timeline_points(patient_key)
     assert [(p.study_date, p.volume_cm3, p.source_kind) for p in points] == [
-        (str(a.header(0).StudyDate), 4.0, "prior-sr"),
-        (str(a.header(1).StudyDate), 6.0, "prior-sr"),
+        (str(a.header(1).StudyDate), 4.0, "prior-sr"),
+        (str(a.header(2).StudyDate), 6.0, "prior-sr"),
         (str(newest.StudyDate), 9.0, "node")]
     assert {p.tracking_uid for p in points} == {derive_uid("tumour", str(newest.PatientID))}
     events = node.ledger.retrieve_events(patient_key)
-    assert [(e.outcome, e.expected, e.completed, e.arrived) for e in events] == [
-        ("ok", 1, 1, 1), ("ok", 1, 1, 1)]
-    # the reports came by C-MOVE into the node; the priors' images did not
-    for report in a.reports[:2]:
+    n_images = len(a.studies[0])
+    assert [(e.outcome, e.expected, e.completed, e.arrived, e.detail) for e in events] == [
+        ("ok", 1, 1, 1, None), ("ok", 1, 1, 1, None),
+        ("ok", n_images, n_images, n_images, "images for re-analysis")]
+    # the reports came by C-MOVE into the node, not the images they were measured on;
+    # the prior without a report came as images, for the node's routes to analyse
+    for report in a.reports[1:3]:
         assert node.ledger.has_instance(str(pydicom.dcmread(report).SOPInstanceUID))
-    assert not node.ledger.has_instance(str(a.header(0).SOPInstanceUID))
+    assert not node.ledger.has_instance(str(a.header(1).SOPInstanceUID))
+    assert all(node.ledger.has_instance(str(pydicom.dcmread(f).SOPInstanceUID))
+               for f in a.studies[0])
 
     sr_id = _in_orthanc(pacs, study, SERIES_DESCRIPTION_SR)[0]["ID"]
     sc_id = _in_orthanc(pacs, study, SERIES_DESCRIPTION_SC)[0]["ID"]
@@ -227,7 +232,7 @@ def test_priors_timeline_and_growth_results_in_orthanc(
     assert DOUBLING_TIME in values
     notes = [n.text for n in report.notes]
     assert sum(n.startswith("History: ") for n in notes) == 3
-    assert any(str(a.header(0).StudyInstanceUID) in n for n in notes)
+    assert any(str(a.header(1).StudyInstanceUID) in n for n in notes)
     assert sc.SamplesPerPixel == 3 and sc.BurnedInAnnotation == "YES"
     require_tool("dciodvfy")
     from dicomnode.results.validate import validate_result
@@ -287,7 +292,7 @@ def test_a_slow_pacs_hits_the_total_timeout(tmp_path: Path, node_and_pacs: tuple
                    '  os.execute("sleep 8")\n  return query\nend\n')
     with orthanc_running(tmp_path / "slow", aet="SLOWPACS",
                          extra={"LuaScripts": [str(lua)]}) as slow:
-        storescu(slow.dicom_port, [*a.studies[0], a.reports[0]], aec="SLOWPACS", extra=["-R"])
+        storescu(slow.dicom_port, [*a.studies[1], a.reports[1]], aec="SLOWPACS", extra=["-R"])
         settings = node.settings
         query = dataclasses.replace(settings.query, source="slowpacs", timeout_s=2,
                                     total_timeout_s=3)
@@ -296,9 +301,9 @@ def test_a_slow_pacs_hits_the_total_timeout(tmp_path: Path, node_and_pacs: tuple
                                                        port=slow.dicom_port)
         slow_settings = dataclasses.replace(settings, query=query, destinations=destinations)
         history = HistoryService(slow_settings, node.ledger, node.spool)
-        patient_key = node.ledger.study_patient_key(str(a.header(2).StudyInstanceUID))
+        patient_key = node.ledger.study_patient_key(str(a.header(3).StudyInstanceUID))
         assert patient_key is not None
-        sr = pydicom.dcmread(a.reports[2])
+        sr = pydicom.dcmread(a.reports[3])
         stored = node.spool.write_bytes(encode(sr), "results")
         (point,) = measurements_from_report(sr, source_path=stored.relpath, kind="node")
         record_measurement(node.ledger, patient_key, point)

@@ -145,10 +145,10 @@ def test_query_settings_are_parsed_and_errors_name_file_and_key(tmp_path: Path) 
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**base, "query": {
         "source": "pacs", "nightly": "25:00", "off_peak": "22:00", "max_moves_per_minute": 0,
-        "lookback_days": "long", "send_to": ["nowhere"]}}))
+        "lookback_days": "long", "send_to": ["nowhere"], "reanalyse_images": "yes"}}))
     with pytest.raises(ConfigError) as info:
         load_settings(bad)
     text = str(info.value)
     for key in ("query.nightly", "query.off_peak", "query.max_moves_per_minute",
-                "query.lookback_days", "query.send_to"):
+                "query.lookback_days", "query.send_to", "query.reanalyse_images"):
         assert f"{bad}: {key}:" in text
