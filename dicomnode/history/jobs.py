@@ -234,19 +234,25 @@ class HistoryService:
         result = forecast(timeline, method)
         algorithm = AlgorithmInfo(GROWTH_ALGORITHM_NAME, GROWTH_VERSION,
                                   parameters=(f"forecaster: {result.method}",))
+        # One SR series and one plot series per lesion and newest study; a longer history
+        # (a prior found later) adds a new instance to them, numbered by its point count.
         basis = [f"{r.study_uid}:{r.study_date}:{r.volume_cm3:.6g}" for r in dated]
         sr_series = derive_uid("growth-sr", newest.tracking_uid, newest.study_uid,
-                               GROWTH_VERSION, result.method, basis)
+                               GROWTH_VERSION)
         sc_series = derive_uid("growth-sc", newest.tracking_uid, newest.study_uid,
-                               GROWTH_VERSION, result.method, basis)
-        if self.ledger.queued(derive_uid(sr_series, 1)):
+                               GROWTH_VERSION)
+        sr_uid = derive_uid(sr_series, result.method, basis)
+        if self.ledger.queued(sr_uid):
             return []  # this history was already reported
         sr_sources = [report_ds] + ([image] if image is not None else [])
         sr = build_growth_report(sr_sources, history, result, algorithm,
                                  tracking_uid=newest.tracking_uid,
-                                 series_instance_uid=sr_series)
+                                 series_instance_uid=sr_series, sop_instance_uid=sr_uid,
+                                 instance_number=len(history))
         sc = build_growth_plot([image if image is not None else report_ds], history, result,
-                               algorithm, series_instance_uid=sc_series)
+                               algorithm, series_instance_uid=sc_series,
+                               sop_instance_uid=derive_uid(sc_series, result.method, basis),
+                               instance_number=len(history))
         outputs: list[tuple[str, str, str, str]] = []
         for ds in (sr, sc):
             validate_object(ds)

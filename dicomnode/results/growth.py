@@ -102,6 +102,8 @@ def build_growth_report(
     *,
     tracking_uid: str,
     series_instance_uid: str,
+    sop_instance_uid: str | None = None,
+    instance_number: int = 1,
 ) -> Dataset:
     """The growth SR in the sources' (the newest) study.
 
@@ -146,7 +148,8 @@ def build_growth_report(
         Analysed((group,)),
         algorithm,
         series_instance_uid=series_instance_uid,
-        sop_instance_uid=derive_uid(series_instance_uid, 1),
+        sop_instance_uid=sop_instance_uid or derive_uid(series_instance_uid, 1),
+        instance_number=instance_number,
         series_description=SERIES_DESCRIPTION_SR,
         series_number=950,
         notes=notes,
@@ -250,6 +253,8 @@ def build_growth_plot(
     algorithm: AlgorithmInfo,
     *,
     series_instance_uid: str,
+    sop_instance_uid: str | None = None,
+    instance_number: int = 1,
 ) -> Dataset:
     """The plot as an RGB Secondary Capture in the newest study, with a caption."""
     doubling = (f"doubling time {result.doubling_time_days:.0f} d"
@@ -263,7 +268,8 @@ def build_growth_plot(
         render_growth_plot(history, result),
         algorithm,
         series_instance_uid=series_instance_uid,
-        sop_instance_uid=derive_uid(series_instance_uid, 1),
+        sop_instance_uid=sop_instance_uid or derive_uid(series_instance_uid, 1),
+        instance_number=instance_number,
         series_description=SERIES_DESCRIPTION_SC,
         series_number=951,
         caption_lines=[f"Tumour volume: last {result.last_volume_cm3:.2f} cm3; {doubling}; "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,7 @@ from tests.peers import (
     node_config,
     orthanc_running,
     require_tool,
+    start_node,
     storescu,
     wait_for,
 )
@@ -315,3 +317,65 @@ def test_a_slow_pacs_hits_the_total_timeout(tmp_path: Path, node_and_pacs: tuple
                    if e.source == "slowpacs"]
         assert last.outcome == "error"
         assert last.detail is not None and "C-FIND studies" in last.detail
+
+
+def _timeline_rows(storage: Path) -> list[tuple[str, float, str]]:
+    ledger = storage / "ledger.sqlite3"
+    with sqlite3.connect(f"{ledger.resolve().as_uri()}?mode=ro", uri=True) as c:
+        return [(str(d), float(v), str(k)) for d, v, k in c.execute(
+            "SELECT study_date, volume_cm3, source_kind FROM timeline_points "
+            "ORDER BY study_date")]
+
+
+def test_a_new_study_at_the_node_runs_the_whole_loop(
+        tmp_path: Path, phantoms: dict[str, Patient]) -> None:
+    """A study arrives; its (stand-in) volume job finishing starts everything else."""
+    a = phantoms["A"]
+    dates = [str(a.header(i).StudyDate) for i in range(4)]
+    port = free_port()
+    with orthanc_running(tmp_path / "pacs", modalities={
+            "dicomnode": ["DICOMNODE", "127.0.0.1", port]}) as pacs:
+        storescu(pacs.dicom_port, [*a.studies[0], *a.studies[1], *a.studies[2], a.reports[1],
+                                   a.reports[2]], aec=pacs.aet, extra=["-R"])
+        config = node_config(
+            tmp_path / "var", port,
+            routes=[{"name": "tumour-volume", "match": {"Modality": "MR"},
+                     "pipeline": "volume_standin", "send_to": ["pacs"],
+                     "options": {"volumes": {dates[0]: 3.0, dates[3]: 9.0}}}],
+            destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1",
+                                   "port": pacs.dicom_port}},
+            extra={"pipelines": {"volume_standin":
+                                 "tests.support.volume_pipeline:VolumeStandIn"},
+                   "query": {"source": "pacs", "lookback_days": 730}})
+        node = start_node(tmp_path / "node", config)
+        try:
+            storescu(port, a.studies[3])
+            study = str(a.header(3).StudyInstanceUID)
+
+            def full_history() -> bool:
+                for found in _in_orthanc(pacs, study, SERIES_DESCRIPTION_SR):
+                    ds = pydicom.dcmread(io.BytesIO(pacs.instance_file(found["ID"])))
+                    notes = [n.text for n in read_measurement_report(ds).notes]
+                    if sum(n.startswith("History: ") for n in notes) == 4:
+                        return True
+                return False
+
+            # the new study's volume, two retrieved reports, and the prior without a
+            # report re-analysed from its moved images: four points in the end
+            wait_for(full_history, 240, "a growth SR over all four timepoints in Orthanc")
+            assert _timeline_rows(node.storage) == [
+                (dates[0], 3.0, "node"), (dates[1], 4.0, "prior-sr"),
+                (dates[2], 6.0, "prior-sr"), (dates[3], 9.0, "node")]
+            plots = _in_orthanc(pacs, study, SERIES_DESCRIPTION_SC)
+            assert plots
+            require_tool("dciodvfy")
+            from dicomnode.results.validate import validate_result
+
+            for found in plots + _in_orthanc(pacs, study, SERIES_DESCRIPTION_SR):
+                validate_result(pydicom.dcmread(io.BytesIO(pacs.instance_file(found["ID"]))))
+            # a growth series per study, a newer instance for the longer history
+            assert len({p["ParentSeries"] for p in
+                        _in_orthanc(pacs, study, SERIES_DESCRIPTION_SR)}) == 1
+            assert node.status()["counts"]["history"]["timeline_points"] == 4
+        finally:
+            node.stop()
