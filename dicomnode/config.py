@@ -411,6 +411,14 @@ def _parse_query(r: _Reader, q: Mapping[str, Any],
     for dest in lists["send_to"]:
         if dest not in destinations:
             r.problem("query.send_to", f"unknown destination {dest!r}")
+    nightly = _clock_window(r, "query.nightly", q.get("nightly", "02:00"), window=False)
+    off_peak = _clock_window(r, "query.off_peak", q.get("off_peak"), window=True)
+    if nightly is not None and off_peak is not None:
+        start, end = off_peak.split("-")
+        inside = start <= nightly < end if start < end else (nightly >= start or nightly < end)
+        if not inside:
+            r.problem("query.nightly", f"{nightly} lies outside query.off_peak ({off_peak}): "
+                                       "the nightly job would never move anything")
     timeout = float(r.number(q, "query", "timeout_s", 30.0, minimum=0.1))
     total = float(r.number(q, "query", "total_timeout_s", 300.0, minimum=0.1))
     return QuerySettings(
@@ -418,8 +426,8 @@ def _parse_query(r: _Reader, q: Mapping[str, Any],
         lookback_days=r.number(q, "query", "lookback_days", 1825, minimum=1, integer=True),
         modalities=tuple(m.upper() for m in lists["modalities"]),
         body_parts=tuple(b.upper() for b in lists["body_parts"]),
-        nightly=_clock_window(r, "query.nightly", q.get("nightly", "02:00"), window=False),
-        off_peak=_clock_window(r, "query.off_peak", q.get("off_peak"), window=True),
+        nightly=nightly,
+        off_peak=off_peak,
         max_moves_per_minute=r.number(q, "query", "max_moves_per_minute", 10, minimum=1,
                                       integer=True),
         timeout_s=timeout,

@@ -5,13 +5,15 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicomnode.history.jobstore import SqliteJobStore
 from dicomnode.history.priors import MoveThrottle, OffPeakWindow
-from dicomnode.ingest.ledger import Ledger
+from dicomnode.ingest.ledger import Ledger, TimelineRow
+from tests.peers import free_port
 
 RAN: list[str] = []
 RAN_EVENT = threading.Event()
@@ -127,3 +129,40 @@ def test_the_off_peak_window_wraps_midnight() -> None:
     for bad in ("22:00", "10:00-10:00", "ab-cd"):
         with pytest.raises(ValueError):
             OffPeakWindow.parse(bad)
+
+
+def _history(tmp_path: Path, off_peak: str | None, now: datetime) -> tuple[Any, Ledger]:
+    from dicomnode.config import parse_settings
+    from dicomnode.history.jobs import HistoryService
+    from dicomnode.ingest.spool import Spool
+
+    settings = parse_settings({
+        "node": {"storage": str(tmp_path / "var")},
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1",
+                                  "port": free_port()}},
+        "query": {"source": "pacs", "nightly": "02:00", "off_peak": off_peak,
+                  "timeout_s": 2}})
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.add_timeline_point(TimelineRow("pk", "2.25.1", "1.2.3", "20250101", 4.0, "1.2.3.9",
+                                          "node"))
+    return HistoryService(settings, ledger, Spool(tmp_path / "var"), now=lambda: now), ledger
+
+
+def test_the_nightly_job_moves_nothing_outside_its_off_peak_window(tmp_path: Path) -> None:
+    noon = datetime(2026, 3, 1, 12, 0)
+    history, ledger = _history(tmp_path, "22:00-06:00", noon)
+    history.run_nightly()
+    assert ledger.retrieve_events() == []
+    # inside the window every patient with a timeline is tried (here: nothing names it)
+    history.now = lambda: datetime(2026, 3, 1, 23, 0)
+    history.run_nightly()
+    (event,) = ledger.retrieve_events()
+    assert event.patient_key == "pk" and event.outcome == "error"
+
+
+def test_a_nightly_time_outside_the_off_peak_window_is_a_config_error() -> None:
+    from dicomnode.config import ConfigError, parse_settings
+
+    with pytest.raises(ConfigError, match=r"query.nightly: 12:00 lies outside query.off_peak"):
+        parse_settings({"query": {"nightly": "12:00", "off_peak": "22:00-06:00"}})
+    assert parse_settings({"query": {"nightly": "23:30", "off_peak": "22:00-06:00"}})
