@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from dicomnode.inference.package import Metric, ModelPackage
+    from dicomnode.training.architectures import ResNet
     from dicomnode.training.datasets import DatasetSplits, SampleSet
     from dicomnode.training.evaluate import CrossValidationReport, EvaluationReport
     from dicomnode.training.export import WrittenPackage
@@ -121,6 +122,7 @@ class TaskOptions:
     folds: int = 0
     calibration: str = "none"
     point_names: str = ""
+    output_stride: int = 32
 
     def resolved(self) -> TaskOptions:
         n_val = self.n_val if self.n_val is not None else max(16, self.n_train // 4)
@@ -283,6 +285,8 @@ def slice_classifier(options: TaskOptions) -> nn.Module:
 
     ``--weights`` initialises the trunk from a torchvision-format file (ImageNet or
     RadImageNet, saved locally; nothing is downloaded), which needs ``--width 64``.
+    ``--output-stride`` 16 or 8 keeps the last stage(s) at full resolution, so the CAM
+    grid is fine enough to point at a lesion smaller than 32 pixels.
     """
     from dicomnode.training.architectures import (
         ResNetDepth,
@@ -295,9 +299,35 @@ def slice_classifier(options: TaskOptions) -> nn.Module:
         raise TrainingRunError(f"--depth must be one of {sorted(depths)}; got {options.depth}")
     model = small_slice_classifier(1, depth=depths[options.depth], width=options.width, head="mlp",
                                    hidden=max(16, 4 * options.width))
+    _reduce_output_stride(model.backbone, options.output_stride)
     if options.weights:
         load_torchvision_resnet_weights(model.backbone, options.weights)
     return model
+
+
+def _reduce_output_stride(trunk: ResNet, stride: int) -> None:
+    """Give the first block of layer4 (16) or of layer3 and layer4 (8) stride 1.
+
+    Parameter names and shapes do not change, so torchvision weights still load.
+    """
+    from torch import nn
+
+    from dicomnode.training.architectures import BasicBlock, Bottleneck
+
+    keep = {32: 0, 16: 1, 8: 2}.get(stride)
+    if keep is None:
+        raise TrainingRunError(f"--output-stride must be 8, 16 or 32; got {stride}")
+    layers = [trunk.layer4, trunk.layer3][:keep]
+    for layer in layers:
+        first = layer[0]
+        if not isinstance(first, BasicBlock | Bottleneck):
+            raise TrainingRunError("--output-stride needs a ResNet trunk")
+        strided = first.conv1 if isinstance(first, BasicBlock) else first.conv2
+        strided.stride = (1, 1)
+        if isinstance(first.downsample, nn.Sequential):
+            shortcut = first.downsample[0]
+            if isinstance(shortcut, nn.Conv2d):
+                shortcut.stride = (1, 1)
 
 
 def classifier_config(options: TaskOptions) -> TrainConfig:
@@ -1007,6 +1037,8 @@ def register(sub: Any) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--calibration", choices=("none", "temperature", "platt"),
                    help="fit a logit calibration on validation and fold it into the model")
+    p.add_argument("--output-stride", dest="output_stride", type=int, choices=(8, 16, 32),
+                   help="feature-map stride of the slice classifier (CAM cell size; default 32)")
     p.add_argument("--point-names", dest="point_names",
                    help="names for the F1-optimal and sensitivity-target operating points "
                         "(default f1-optimal,sensitivity-<target>), e.g. balanced,screening")

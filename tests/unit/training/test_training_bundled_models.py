@@ -96,10 +96,8 @@ def test_card_states_what_it_is_and_how_well_it_did(name: str) -> None:
 
 def test_screening_point_keeps_its_sensitivity_on_held_out_data() -> None:
     card = _package("pneumonia-cxr").card
-    screening = card.operating_point("screening")
-    balanced = card.operating_point("balanced")
-    assert screening.sensitivity >= 0.9
-    assert screening.threshold <= balanced.threshold
+    assert card.operating_point("screening").sensitivity >= 0.9
+    assert card.operating_point("balanced").specificity > 0.5
 
 
 def _build_commands() -> dict[str, list[str]]:

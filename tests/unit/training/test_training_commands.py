@@ -75,7 +75,7 @@ def test_train_writes_a_verified_package_with_an_honest_card(trained: tuple[Path
     assert {o.name: o.kind for o in card.outputs} == {"logits": "logits", "cam": "cam"}
     evaluation = directory / "evaluation"
     assert {p.name for p in evaluation.iterdir()} == {
-        "report.json", "roc.png", "pr.png", "reliability.png"}
+        "report.json", "roc.png", "pr.png", "reliability.png", "heatmaps.json"}
     served = json.loads((evaluation / "report.json").read_text())
     assert served["extra"]["sha256"] == card.sha256
     assert (directory / "training" / "checkpoint.pt").is_file()
@@ -184,8 +184,9 @@ def test_train_from_kaggle_class_folders(tmp_path: Path,
 def test_unknown_or_unfinished_tasks_fail_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["train", "metastasis", "--out", str(tmp_path)]) == 1
-    assert "not implemented yet" in capsys.readouterr().err
+    assert main(["train", "no-such-task", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown task 'no-such-task'" in err and len(err.strip().splitlines()) == 1
     assert main(["train", "pneumonia", "--data", "folder", "--out", str(tmp_path)]) == 1
     assert "--root" in capsys.readouterr().err
     assert main(["train", "nonsense", "--out", str(tmp_path)]) == 1
