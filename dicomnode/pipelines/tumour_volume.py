@@ -28,7 +28,7 @@ from pydicom.sr.coding import Code
 from dicomnode.imaging import check_spacing, sort_datasets
 from dicomnode.imaging.geometry import sort_slices
 from dicomnode.inference.aggregate import sigmoid
-from dicomnode.pipelines.base import PipelineInput, PipelineResult
+from dicomnode.pipelines.base import PipelineError, PipelineInput, PipelineResult
 from dicomnode.pipelines.brain_tumour import MR_BRAIN, mr_problem
 from dicomnode.pipelines.learned import (
     ServedModel,
@@ -79,6 +79,49 @@ def tumour_mask(model: ServedModel, slices: Sequence[Dataset], threshold: float
         mask[k] = cv2.resize(probabilities[k], (columns, rows),
                              interpolation=cv2.INTER_LINEAR) >= threshold
     return mask
+
+
+def largest_component(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The largest 3-D connected part of a (slices, rows, columns) mask (8-connected in
+    plane, face-connected between slices): one lesion per patient, stray voxels dropped."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    count = 0
+    for k in range(mask.shape[0]):
+        n, plane = cv2.connectedComponents(mask[k].astype(np.uint8), connectivity=8)
+        plane = plane.astype(np.int32)
+        plane[plane > 0] += count
+        labels[k] = plane
+        count += n - 1
+    if count <= 1:
+        return mask.copy()
+    parent = np.arange(count + 1)
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = int(parent[x])
+        return x
+
+    for k in range(mask.shape[0] - 1):
+        both = (labels[k] > 0) & (labels[k + 1] > 0)
+        if both.any():
+            pairs = np.unique(np.stack([labels[k][both], labels[k + 1][both]], axis=1), axis=0)
+            for a, b in pairs:
+                parent[find(int(a))] = find(int(b))
+    roots = np.array([find(i) for i in range(count + 1)])
+    component = roots[labels]
+    sizes = np.bincount(component[mask], minlength=count + 1)
+    kept: npt.NDArray[np.bool_] = mask & (component == int(np.argmax(sizes)))
+    return kept
+
+
+def postprocess(mask: npt.NDArray[np.bool_], name: str | None) -> npt.NDArray[np.bool_]:
+    """The card's postprocessing of the source-grid mask (``provenance.postprocessing``)."""
+    if not name:
+        return mask
+    if name == "largest-3d-component":
+        return largest_component(mask)
+    raise PipelineError(f"the model card names an unknown postprocessing {name!r}")
 
 
 def voxel_mm3(slices: Sequence[Dataset]) -> float:
@@ -141,7 +184,8 @@ class TumourVolumePipeline:
         study_date = str(first.get("StudyDate", "") or "")
         notes = [TextNote(
             f"Tumour = necrotic core + enhancing/solid tumour (oedema excluded), segmented "
-            f"slice by slice; voxels at or above {describe_point(point)}. The Tracking UID "
+            f"slice by slice; voxels at or above {describe_point(point)}; the largest "
+            "3-D connected part is kept when the model card says so. The Tracking UID "
             "is the same for this patient's brain tumour in every study.")]
         problem = mr_problem(datasets)
         objects: list[Dataset] = []
@@ -152,7 +196,9 @@ class TumourVolumePipeline:
                        "tracking_uid": track}
         else:
             slices = sort_datasets(datasets)
-            mask = tumour_mask(model, slices, point.threshold)
+            post = model.card.provenance.get("postprocessing")
+            mask = postprocess(tumour_mask(model, slices, point.threshold),
+                               str(post) if post else None)
             volume = float(mask.sum()) * voxel_mm3(slices) / 1000.0
             with_tumour = [i for i in range(len(slices)) if mask[i].any()]
             outcome = Analysed((FindingGroup(
