@@ -18,11 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import cv2
-import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.sr.coding import Code
 
 from dicomnode.imaging import check_spacing, sort_datasets
@@ -38,7 +36,7 @@ from dicomnode.pipelines.learned import (
     sr_operating_point,
 )
 from dicomnode.results import codes
-from dicomnode.results.common import MANUFACTURER, no_person_name_warnings, software_versions
+from dicomnode.results.seg import Segment, build_binary_segmentation
 from dicomnode.results.sr import (
     Analysed,
     FindingGroup,
@@ -132,41 +130,6 @@ def voxel_mm3(slices: Sequence[Dataset]) -> float:
     return row_mm * column_mm * float(spacing)
 
 
-def build_segmentation(slices: Sequence[Dataset], mask: npt.NDArray[np.bool_],
-                       model: ServedModel, *, series_instance_uid: str, track_uid: str
-                       ) -> Dataset:
-    """A binary SEG of ``mask`` on ``slices`` (one frame per slice that holds tumour)."""
-    algorithm = model.algorithm
-    identification = hd.AlgorithmIdentificationSequence(
-        name=algorithm.name, version=algorithm.version,
-        family=dicom_codes.cid7162.ArtificialIntelligence,
-        source=MANUFACTURER,
-        parameters={"model sha256": algorithm.sha256 or "none"})
-    segment = hd.seg.SegmentDescription(
-        segment_number=1, segment_label=SEGMENT_LABEL,
-        segmented_property_category=dicom_codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=NEOPLASM,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=identification,
-        tracking_uid=track_uid, tracking_id=TRACKING_ID,
-        anatomic_regions=[codes.BRAIN])
-    with no_person_name_warnings():
-        seg = hd.seg.Segmentation(
-            source_images=list(slices), pixel_array=mask.astype(np.uint8),
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=[segment],
-            series_instance_uid=series_instance_uid, series_number=901,
-            sop_instance_uid=derive_uid(series_instance_uid, 1), instance_number=1,
-            manufacturer=MANUFACTURER, manufacturer_model_name=algorithm.name,
-            software_versions=algorithm.label[:64],
-            device_serial_number=(algorithm.sha256 or algorithm.version)[:16],
-            content_label="TUMOUR", content_description="AI tumour segmentation",
-            omit_empty_frames=bool(mask.any()),
-            series_description="AI tumour segmentation")
-    seg.add_new("SoftwareVersions", "LO", list(software_versions(algorithm)))
-    return seg
-
-
 class TumourVolumePipeline:
     name = "dicomnode tumour volume MR"
     version = "1"
@@ -208,9 +171,11 @@ class TumourVolumePipeline:
                 source_sop_instance_uids=tuple(str(slices[i].SOPInstanceUID)
                                                for i in with_tumour),
                 operating_point=sr_operating_point(point), tracking_uid=track),))
-            objects.append(build_segmentation(
-                slices, mask, model, series_instance_uid=result_uids(work, algorithm, "seg"),
-                track_uid=track))
+            objects.append(build_binary_segmentation(
+                slices, mask, Segment(SEGMENT_LABEL, NEOPLASM, TRACKING_ID, track,
+                                      anatomic_region=codes.BRAIN),
+                algorithm, series_instance_uid=result_uids(work, algorithm, "seg"),
+                series_description="AI tumour segmentation", content_label="TUMOUR"))
             summary = {"analysed": True, "volume_cm3": round(volume, 3),
                        "study_date": study_date, "tracking_uid": track,
                        "slices": len(slices), "slices_with_tumour": len(with_tumour)}
