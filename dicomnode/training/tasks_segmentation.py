@@ -77,6 +77,23 @@ NEGATIVE_FRACTION = 0.1
 #: BCE weight of tumour pixels (about one pixel in 400 of a training slice is tumour).
 POS_WEIGHT = 4.0
 THRESHOLD = 0.5
+INTENDED_USE = (f"{SYNTHETIC_USE} Segments the brain tumour (necrotic core + enhancing or "
+                "solid tumour) on T1 post-contrast MR slice by slice, for the tumour volume "
+                "in cm3. Not a medical device.")
+LIMITATIONS = (
+    f"Trained and tested on {NOT_CLINICAL}.",
+    "T1 post-contrast only; oedema is not segmented (it is background).",
+    "Phantom tumours are idealised (one lesion, sharp enhancement, no motion, no "
+    "post-operative change); nothing here says how the model behaves on patients.",
+    "Served masks keep only the largest 3-D connected part (the phantoms hold one tumour); "
+    "a second lesion would be dropped from the mask and the volume.",
+    "Small tumours (< 1 cm3) span few pixels on the 96 x 96 model grid; their Dice and "
+    "relative volume error are the worst.",
+)
+NIFTI_USE = ("Segments the brain tumour core on T1 post-contrast MR slice by slice, for "
+             "the tumour volume in cm3; trained on the NIfTI cases named in training_data. "
+             "Research and integration testing only; not a medical device and not for "
+             "clinical use.")
 #: The phantoms hold one tumour each: the served mask is its largest 3-D connected part
 #: (the card's provenance says so, and the pipeline reads it from there).
 POSTPROCESSING = "largest-3d-component"
@@ -600,7 +617,7 @@ def train_segmentation_task(task: Task, options: TaskOptions, models_dir: Path,
                                                  "test": len(test_cases),
                                                  "train_slices": int(x.shape[0])},
                                    sources, synthetic),
-        metrics=[], intended_use=SYNTHETIC_USE if synthetic else task.card.intended_use,
+        metrics=[], intended_use=task.card.intended_use if synthetic else NIFTI_USE,
         input_descriptions={"image": task.card.input_description},
         limitations=task.card.limitations)
     served = score_cases(test_cases, _onnx_predict(written.package))
@@ -654,23 +671,14 @@ register_task(Task(
     modality=("MR",),
     class_names=("background", "tumour"),
     card=CardText(
-        intended_use=(f"{SYNTHETIC_USE} Segments the brain tumour (necrotic core + enhancing "
-                      "or solid tumour) on T1 post-contrast MR slice by slice, for the tumour "
-                      "volume in cm3. Not a medical device."),
+        intended_use=INTENDED_USE,
         output_meaning="per-pixel tumour logit",
         cam_meaning="none",
         input_description=("one axial slice of a T1 post-contrast MR series (MR Image "
                             "Storage) after the card's spec; serving runs every slice of the "
                             "series sorted by dicomnode.imaging.sort_datasets, batch axis = "
                             "slices"),
-        limitations=(
-            f"Trained and tested on {NOT_CLINICAL}.",
-            "T1 post-contrast only; oedema is not segmented (it is background).",
-            "Phantom tumours are idealised (one lesion, sharp enhancement, no motion, no "
-            "post-operative change); nothing here says how the model behaves on patients.",
-            "Small tumours (< 1 cm3) span few pixels on the model grid; their Dice and "
-            "relative volume error are the worst.",
-        )),
+        limitations=LIMITATIONS),
     spec=seg_spec,
     datasets={"phantom": lambda o, s: _no_splits(), "brats": lambda o, s: _no_splits()},
     model=unet,
@@ -712,6 +720,8 @@ def rescore_package(directory: Path, *, seed: int, n: int, matrix: int, n_boot: 
     card = package.card
     provenance = {**card.provenance, "postprocessing": postprocessing,
                   "per_case": [dataclasses.asdict(r) for r in served]}
+    if card.training_data.synthetic:
+        card = dataclasses.replace(card, intended_use=INTENDED_USE, limitations=LIMITATIONS)
     card = dataclasses.replace(card, metrics=tuple(metrics), operating_points=(point,),
                                provenance=provenance)
     (Path(directory) / "model.yaml").write_text(card.to_yaml(), encoding="utf-8")
