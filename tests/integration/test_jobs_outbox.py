@@ -90,7 +90,7 @@ def test_misbehaving_jobs_and_destinations(tmp_path: Path, flaky: FlakyPacs) -> 
         destinations={"flaky": {"ae_title": "FLAKY", "host": "127.0.0.1", "port": flaky.port},
                       "nowhere": {"ae_title": "GONE", "host": "127.0.0.1", "port": closed}},
         extra={"pipelines": PLUGINS,
-               "jobs": {"workers": 1, "timeout_s": 3, "max_attempts": 2},
+               "jobs": {"workers": 1, "timeout_s": 8, "max_attempts": 2},
                "outbox": {"max_attempts": 3, "backoff_initial_s": 0.2, "backoff_max_s": 0.5}})
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -109,7 +109,7 @@ def test_misbehaving_jobs_and_destinations(tmp_path: Path, flaky: FlakyPacs) -> 
                              for r in ("ct-hangs", "mr-crashes-once", "cr-broken",
                                        "nm-to-nowhere")), 180, "every job to finish")
         hang = _job_state(node, "ct-hangs")
-        assert hang == {"state": "failed", "attempts": 2, "error": "timed out after 3 s"}
+        assert hang == {"state": "failed", "attempts": 2, "error": "timed out after 8 s"}
         crash = _job_state(node, "mr-crashes-once")
         assert crash is not None and crash["state"] == "done" and crash["attempts"] == 2
         broken = _job_state(node, "cr-broken")
@@ -125,7 +125,7 @@ def test_misbehaving_jobs_and_destinations(tmp_path: Path, flaky: FlakyPacs) -> 
         text = subprocess.run([sys.executable, "-m", "dicomnode.cli", "status", "--config",
                                str(node.config_path)], capture_output=True, text=True,
                               cwd=REPO, check=True).stdout
-        assert "FAILED job" in text and "timed out after 3 s" in text
+        assert "FAILED job" in text and "timed out after 8 s" in text
         assert "the model file is corrupt" in text and "DEAD result" in text
         assert "worker process died" in node.log_text()
         storescu(node.port, [PYDICOM_FILES / "CT_small.dcm"])  # still serving
