@@ -341,7 +341,15 @@ def UNet2d(in_channels: int = 1, width: int = 8, levels: int = 3) -> nn.Module: 
 def unet(options: TaskOptions) -> nn.Module:
     if options.size % 8:
         raise TrainingRunError(f"--size must be a multiple of 8 for the U-Net; got {options.size}")
-    return UNet2d(1, options.width, 3)
+    model = UNet2d(1, options.width, 3)
+    if options.weights:
+        import torch
+
+        data = torch.load(options.weights, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict) or data.get("task") != TASK_NAME:
+            raise TrainingRunError(f"--weights {options.weights} is not a {TASK_NAME} checkpoint")
+        model.load_state_dict(data["state_dict"])
+    return model
 
 
 def seg_config(options: TaskOptions) -> TrainConfig:
