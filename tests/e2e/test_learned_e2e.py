@@ -31,6 +31,7 @@ from tests.peers import (
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 Writer = Callable[[Path], list[Path]]
 
@@ -53,7 +54,8 @@ CASES: dict[str, tuple[Writer, set[str], tuple[str, ...]]] = {
         {"AI brain tumour report MR", "AI brain tumour heatmap MR",
          "AI brain tumour report CT", "AI brain tumour heatmap CT",
          "AI brain tumour report CT+MR fusion", "AI brain tumour heatmap CT+MR fusion",
-         "AI brain metastasis report", "AI metastasis heatmaps"},
+         "AI brain metastasis report", "AI metastasis heatmaps",
+         "AI tumour segmentation", "AI tumour volume report"},
         ("Malignant neoplasm of brain", "RESEARCH OUTPUT")),
     "dat": (
         lambda d: write_dat_study(d, n=1, seed=64),
@@ -135,6 +137,8 @@ def test_phantom_in_results_out_in_the_same_study(tmp_path: Path, pacs: Orthanc,
                 assert "not for diagnostic use" in html.lower() or \
                     "not for clinical use" in html.lower(), r["SeriesDescription"]
                 rendered += html
+            elif ds.SOPClassUID == SEG_CLASS:
+                assert ds.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
             else:
                 assert ds.SOPClassUID == SC_CLASS
                 png = tmp_path / f"{r['id']}.png"
