@@ -108,6 +108,8 @@ def _build_commands() -> dict[str, list[str]]:
         if not line.startswith("+ "):
             continue
         words = shlex.split(line[2:])
+        if "dicomnode.cli" not in words:
+            continue  # helper steps (cp, rm, rescoring) of other models' recipes
         argv = words[words.index("dicomnode.cli") + 1:]
         commands[argv[1]] = argv
     return commands
