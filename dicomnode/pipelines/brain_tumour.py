@@ -17,6 +17,7 @@ the models were evaluated with (``brain_rules``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from dicomnode.pipelines.learned import (
     ABSENT,
     BRAIN_WINDOW_DISPLAY,
     PRESENT,
+    ModelUnavailableError,
     ServedModel,
     describe_point,
     heatmap_overlay,
@@ -80,6 +82,8 @@ MAX_SLICE_MM = 7.5
 T1_POST_CONTRAST = re.compile(r"(?i)(t1.*(post|\+ ?c|gad|contrast|ce\b))|t1c|mprage.*(gd|gad)")
 RESEARCH = ("RESEARCH OUTPUT, not a finding: trained on synthetic proxies "
             "(stage from tumour size, risk from class and size); not validated on patients.")
+
+log = logging.getLogger(__name__)
 
 CT_MODEL = "brain-tumour-ct"
 MR_MODEL = "brain-tumour-mr"
@@ -341,8 +345,15 @@ class BrainTumourPipeline:
         ct, mr = pick("CT"), pick("MR")
         if ct is None or mr is None or not (ct.current or mr.current):
             return None
-        model = load_model(work.models_dir, str(work.options.get("fusion_model", FUSION_MODEL)),
-                           work.options)
+        name = str(work.options.get("fusion_model", FUSION_MODEL))
+        try:
+            model = load_model(work.models_dir, name, work.options)
+        except ModelUnavailableError as exc:
+            # The single-modality results stand on their own; a node without the fusion
+            # package reports them and says (in the job summary and the log) why the
+            # fusion did not run, instead of failing the whole study.
+            log.warning("brain tumour: CT+MR fusion not run: %s", exc)
+            return [], {"skipped": str(exc)}
         provenance = model.card.provenance.get("input_preprocessing", {})
         if not isinstance(provenance, Mapping) or "ct" not in provenance:
             raise PipelineError(f"model {model.card.name} names no CT input preprocessing")

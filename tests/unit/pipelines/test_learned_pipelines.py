@@ -182,3 +182,11 @@ def test_metastasis_names_the_driving_slices_and_refuses_a_non_head_ct(
     small = _read([PYDICOM_FILES / "CT_small.dcm"])
     report = _reports(_run("metastasis", small))["AI brain metastasis report"]
     assert isinstance(report.outcome, NotAnalysed) and "slices" in report.outcome.reason
+
+
+def test_without_the_fusion_package_the_single_modality_reports_still_go_out(
+        brain: dict[str, list[Dataset]]) -> None:
+    result = _run("brain_tumour", brain["T1 post contrast"],
+                  {"fusion_model": "no-such-fusion-package"}, related=brain["CT"])
+    assert set(_reports(result)) == {"AI brain tumour report MR"}
+    assert "no-such-fusion-package" in result.summary["fusion"]["skipped"]
