@@ -42,10 +42,25 @@ from dicomnode.phantoms.head_ct import write_head_ct_study  # noqa: E402
 
 Writer = Callable[[Path], list[Path]]
 
+
+def two_view_chest(out: Path) -> list[Path]:
+    """Two phantom radiographs made one study (one patient, one series, PA + AP)."""
+    files = write_chest_xray_study(out, n=2, seed=71, size=2048)
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    for number, path in enumerate(files, start=1):
+        ds = pydicom.dcmread(path)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName",
+                        "AccessionNumber", "StudyDate", "StudyTime", "StudyID"):
+            if keyword in first:
+                setattr(ds, keyword, first.get(keyword))
+        ds.InstanceNumber = number
+        ds.save_as(path, enforce_file_format=True)
+    return files
+
 # name -> (pipeline, route options, writer of a realistic study, what it is)
 ANALYSES: dict[str, tuple[str, dict[str, Any], Writer, str]] = {
     "pneumonia": ("pneumonia", {"model": "pneumonia-cxr", "operating_point": "screening"},
-                  lambda d: write_chest_xray_study(d, n=2, seed=71, size=2048),
+                  two_view_chest,
                   "2 chest radiographs of 2048 x 2048 (a 2-view study)"),
     "metastasis": ("metastasis", {"model": "metastasis-ct"},
                    lambda d: write_head_ct_study(d, n=1, seed=72, matrix=512, n_slices=40),
