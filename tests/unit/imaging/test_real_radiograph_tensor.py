@@ -51,12 +51,14 @@ def test_inverted_15_bit_radiograph_becomes_the_tensor_the_model_expects(
 
 def test_the_same_radiograph_stored_three_ways_gives_the_same_tensor(
         spec: PreprocessSpec) -> None:
-    first = pydicom.dcmread(PYDICOM_DATA / "RG1_UNCI.dcm")
+    # RG1_UNCR and RG1_J2KR hold the same pixels (J2KR is lossless; UNCI pairs with the
+    # irreversible J2KI instead)
+    first = pydicom.dcmread(PYDICOM_DATA / "RG1_UNCR.dcm")
     reference = apply_spec(spec, [first])
     lossless = apply_spec(spec, [pydicom.dcmread(PYDICOM_DATA / "RG1_J2KR.dcm")])
     assert np.abs(lossless - reference).max() < 1e-4
     # the same pixels stored MONOCHROME2 (inverted values) must not change the tensor
-    flipped = pydicom.dcmread(PYDICOM_DATA / "RG1_UNCI.dcm")
+    flipped = pydicom.dcmread(PYDICOM_DATA / "RG1_UNCR.dcm")
     values = flipped.pixel_array.astype(np.uint16)
     top = (1 << int(flipped.BitsStored)) - 1
     flipped.PixelData = (top - values).astype(np.uint16).tobytes()

@@ -156,14 +156,14 @@ def test_the_nm_bone_scan_is_not_analysed_by_the_dat_pipeline() -> None:
 
 
 def test_pneumonia_on_phantoms_and_a_lateral_view(tmp_path: Path) -> None:
-    datasets = _read(write_chest_xray_study(tmp_path, n=2, seed=93, size=512))
+    datasets = _read(write_chest_xray_study(tmp_path, n=1, seed=93, size=512))
     result = _run("pneumonia", datasets, {"model": "pneumonia-cxr",
                                           "operating_point": "screening"})
     report = _reports(result)["AI pneumonia report"]
     _check_provenance(report, "pneumonia-cxr")
     assert {g.operating_point.name for g in report.outcome.findings} == {"screening"}
     heatmaps = [ds for ds in result.objects if ds.SOPClassUID != SR_CLASS]
-    assert len(heatmaps) == 2
+    assert len(heatmaps) == len(datasets) == 1
     for ds in datasets:
         ds.ViewPosition = "LL"
     report = _reports(_run("pneumonia", datasets))["AI pneumonia report"]
