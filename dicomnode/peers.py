@@ -128,6 +128,8 @@ def start_orthanc(workdir: Path, *, aet: str = "ORTHANC",
     exe = shutil.which("Orthanc") or shutil.which("orthanc")
     if exe is None:
         raise PeerMissingError("Orthanc is not installed (Debian package 'orthanc')")
+    # absolute: Orthanc runs with cwd=workdir, so a relative --logdir would not exist there
+    workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     dicom_port = int((extra or {}).get("DicomPort") or free_port())
     http_port = int((extra or {}).get("HttpPort") or free_port())

@@ -130,3 +130,12 @@ def test_pending_responses_that_never_end_hit_the_total_timeout() -> None:
     finally:
         pacs.stop.set()
         pacs.server.shutdown()
+
+
+def test_orthanc_starts_from_a_relative_working_folder(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dicomnode demo` passes var/demo/orthanc: Orthanc runs with that folder as its cwd,
+    so the launcher must hand it absolute paths (it once fell back to the built-in PACS)."""
+    monkeypatch.chdir(tmp_path)
+    with orthanc_running(Path("var") / "orthanc") as orthanc:
+        assert orthanc.get("/system")["DicomAet"] == "ORTHANC"
