@@ -1081,15 +1081,44 @@ def _probabilities(rows: FloatArray) -> FloatArray:
     return _softmax(rows)
 
 
+def _finish_package(package: ModelPackage, directory: Path, checkpoint: Path,
+                    card_fields: dict[str, Any], provenance: dict[str, Any], *,
+                    metrics: Sequence[Metric], points: Sequence[OperatingPoint],
+                    limitations: Sequence[str], report: EvaluationReport,
+                    val_report: EvaluationReport, served: Sequence[ServedCase],
+                    started: float) -> TrainingOutcome:
+    """Write the served evaluation into the card and the checkpoint, check the ONNX file
+    did not change, and leave the evaluation files beside the package."""
+    from dicomnode.inference.package import sha256_file
+    from dicomnode.training.evaluate import write_plots
+
+    card_fields.update(metrics=[dataclasses.asdict(m) for m in metrics],
+                       operating_points=[dataclasses.asdict(p) for p in points],
+                       limitations=limitations)
+    checkpoint_sha = _update_checkpoint(checkpoint, card=json.dumps(card_fields),
+                                        provenance=json.dumps(provenance, default=str))
+    package = _rewrite_card(package, metrics=tuple(metrics), operating_points=tuple(points),
+                            limitations=tuple(limitations),
+                            provenance={**package.card.provenance, **provenance,
+                                        "checkpoint_sha256": checkpoint_sha})
+    if package.sha256 != sha256_file(package.onnx_path):
+        raise TrainingRunError("the package's ONNX file changed during evaluation")
+    evaluation = directory / "evaluation"
+    _write_json(evaluation / "report.json", report.to_dict())
+    _write_json(evaluation / "cases.json", [c.to_dict() for c in served])
+    write_plots(report, evaluation)
+    return TrainingOutcome(package, checkpoint, report, val_report, report,
+                           time.perf_counter() - started)
+
+
 def train_slice_task(task: Task, options: TaskOptions, models_dir: Path, name: str | None,
                      version: str) -> TrainingOutcome:
     """Train the CT or MR slice model, calibrate it on validation patients, export it
     with its in-graph CAM, and measure it served on the test patients."""
     import torch
 
-    from dicomnode.inference.package import sha256_file
     from dicomnode.training.commands import export_checkpoint
-    from dicomnode.training.evaluate import evaluate, write_plots
+    from dicomnode.training.evaluate import evaluate
     from dicomnode.training.loop import fit
 
     assert task.spec is not None and task.model is not None and task.train_config is not None
@@ -1195,23 +1224,10 @@ def train_slice_task(task: Task, options: TaskOptions, models_dir: Path, name: s
         "key_slice_has_tumour": _share([c.key_has_tumour for c in served if c.label > 0]),
         "cam_hits": f"{sum(hits)}/{len(hits)}",
     }
-    card_fields.update(metrics=[dataclasses.asdict(m) for m in metrics],
-                       operating_points=[dataclasses.asdict(p) for p in points],
-                       limitations=limitations)
-    checkpoint_sha = _update_checkpoint(checkpoint, card=json.dumps(card_fields),
-                                        provenance=json.dumps(provenance, default=str))
-    package = _rewrite_card(package, metrics=tuple(metrics), operating_points=tuple(points),
-                            limitations=tuple(limitations),
-                            provenance={**package.card.provenance, **provenance,
-                                        "checkpoint_sha256": checkpoint_sha})
-    if package.sha256 != sha256_file(package.onnx_path):
-        raise TrainingRunError("the package's ONNX file changed during evaluation")
-    evaluation = directory / "evaluation"
-    _write_json(evaluation / "report.json", report.to_dict())
-    _write_json(evaluation / "cases.json", [c.to_dict() for c in served])
-    write_plots(report, evaluation)
-    return TrainingOutcome(package, checkpoint, report, val_report, report,
-                           time.perf_counter() - started)
+    return _finish_package(package, directory, checkpoint, card_fields, provenance,
+                           metrics=metrics, points=points, limitations=limitations,
+                           report=report, val_report=val_report, served=served,
+                           started=started)
 
 
 def _share(flags: Sequence[bool]) -> str:
@@ -1779,8 +1795,8 @@ def train_fusion_task(task: Task, options: TaskOptions, models_dir: Path, name: 
     on validation patients in all three modes, export with both CAMs, measure served."""
     import torch
 
-    from dicomnode.inference.package import Metric, sha256_file
-    from dicomnode.training.evaluate import evaluate_multiclass, write_plots
+    from dicomnode.inference.package import Metric
+    from dicomnode.training.evaluate import evaluate_multiclass
     from dicomnode.training.metrics import wilson_interval
 
     assert task.model is not None and task.train_config is not None
@@ -1953,23 +1969,10 @@ def train_fusion_task(task: Task, options: TaskOptions, models_dir: Path, name: 
             "ct": _share([bool(c.extra["ct_key_has_tumour"]) for c in positives]),
             "mr": _share([bool(c.extra["mr_key_has_tumour"]) for c in positives])},
     }
-    card_fields.update(metrics=[dataclasses.asdict(m) for m in metrics],
-                       operating_points=[dataclasses.asdict(p) for p in points],
-                       limitations=limitations)
-    checkpoint_sha = _update_checkpoint(checkpoint, card=json.dumps(card_fields),
-                                        provenance=json.dumps(provenance, default=str))
-    package = _rewrite_card(package, metrics=tuple(metrics), operating_points=tuple(points),
-                            limitations=tuple(limitations),
-                            provenance={**package.card.provenance, **provenance,
-                                        "checkpoint_sha256": checkpoint_sha})
-    if package.sha256 != sha256_file(package.onnx_path):
-        raise TrainingRunError("the package's ONNX file changed during evaluation")
-    evaluation = directory / "evaluation"
-    _write_json(evaluation / "report.json", report.to_dict())
-    _write_json(evaluation / "cases.json", [c.to_dict() for c in served])
-    write_plots(report, evaluation)
-    return TrainingOutcome(package, checkpoint, report, val_report, report,
-                           time.perf_counter() - started)
+    return _finish_package(package, directory, checkpoint, card_fields, provenance,
+                           metrics=metrics, points=points, limitations=limitations,
+                           report=report, val_report=val_report, served=served,
+                           started=started)
 
 
 def served_fusion_cases(package: ModelPackage, options: TaskOptions,
