@@ -71,6 +71,19 @@ def orthanc_running(workdir: Path, **kwargs: Any) -> Iterator[Orthanc]:
         orthanc.stop()
 
 
+def ai_results(orthanc: Orthanc, study_uid: str) -> list[dict[str, Any]]:
+    """The node's result objects (series description "AI ...") in one study of Orthanc,
+    each as its tags plus its Orthanc id."""
+    found = orthanc.post("/tools/find", {"Level": "Instance", "Expand": True,
+                                          "Query": {"StudyInstanceUID": study_uid}})
+    out = []
+    for item in found:
+        tags = orthanc.instance_tags(item["ID"])
+        if str(tags.get("SeriesDescription", "")).startswith("AI "):
+            out.append({"id": item["ID"], **tags})
+    return out
+
+
 # -- the node as a separate process --------------------------------------------------
 
 def node_config(storage: Path, port: int, *, routes: list[dict[str, Any]] | None = None,

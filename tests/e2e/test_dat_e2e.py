@@ -21,6 +21,7 @@ from dicomnode.phantoms.dat_spect import write_dat_study
 from tests.peers import (
     NodeProcess,
     Orthanc,
+    ai_results,
     free_port,
     node_config,
     orthanc_running,
@@ -50,17 +51,6 @@ def _truth_calls(folder: Path) -> dict[str, str]:
 
 def _study_uids(files: list[Path]) -> set[str]:
     return {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files}
-
-
-def _results_in(orthanc: Orthanc, study_uid: str) -> list[dict[str, Any]]:
-    found = orthanc.post("/tools/find", {"Level": "Instance", "Expand": True,
-                                          "Query": {"StudyInstanceUID": study_uid}})
-    out = []
-    for item in found:
-        tags = orthanc.instance_tags(item["ID"])
-        if str(tags.get("SeriesDescription", "")).startswith("AI "):
-            out.append({"id": item["ID"], **tags})
-    return out
 
 
 def _has_running_job(node: NodeProcess) -> bool:
@@ -103,7 +93,7 @@ def test_dat_study_in_results_out_in_the_same_study(tmp_path: Path, pacs: Orthan
     truth = _truth_calls(phantoms)
     assert set(truth) == studies
     for study in studies:
-        results = _results_in(pacs, study)
+        results = ai_results(pacs, study)
         classes = sorted(r["SOPClassUID"] for r in results)
         assert classes == [SC_CLASS, SR_CLASS], f"study {study}: {classes}"
         for r in results:
@@ -227,7 +217,7 @@ def test_sigkill_during_ingest_and_analysis_loses_nothing_and_sends_once(
     assert all(n == 1 for _, n in jobs), "a series was analysed more than once"
     assert status["failed_jobs"] == [] and status["dead_letters"] == []
     for study in studies:
-        classes = sorted(r["SOPClassUID"] for r in _results_in(pacs, study))
+        classes = sorted(r["SOPClassUID"] for r in ai_results(pacs, study))
         assert classes == [SC_CLASS, SR_CLASS], "results not delivered exactly once"
 
 
@@ -247,7 +237,7 @@ def test_pacs_down_then_back_gets_every_result_once(tmp_path: Path) -> None:
             assert again.dicom_port == port
             wait_for(lambda: _outbox_drained(node, 4), 120, "results delivered after recovery")
             for study in _study_uids(files):
-                classes = sorted(r["SOPClassUID"] for r in _results_in(again, study))
+                classes = sorted(r["SOPClassUID"] for r in ai_results(again, study))
                 assert classes == [SC_CLASS, SR_CLASS]
     finally:
         node.stop()

@@ -20,6 +20,7 @@ from dicomnode.phantoms.dat_spect import write_dat_study
 from dicomnode.phantoms.head_ct import write_head_ct_study
 from tests.peers import (
     Orthanc,
+    ai_results,
     free_port,
     node_config,
     orthanc_running,
@@ -76,17 +77,6 @@ def _default_routes() -> list[dict[str, Any]]:
     return routes
 
 
-def _results(orthanc: Orthanc, study_uid: str) -> list[dict[str, Any]]:
-    found = orthanc.post("/tools/find", {"Level": "Instance", "Expand": True,
-                                          "Query": {"StudyInstanceUID": study_uid}})
-    out = []
-    for item in found:
-        tags = orthanc.instance_tags(item["ID"])
-        if str(tags.get("SeriesDescription", "")).startswith("AI "):
-            out.append({"id": item["ID"], **tags})
-    return out
-
-
 @pytest.mark.parametrize("analysis", sorted(CASES))
 def test_phantom_in_results_out_in_the_same_study(tmp_path: Path, pacs: Orthanc,
                                                   analysis: str) -> None:
@@ -105,7 +95,7 @@ def test_phantom_in_results_out_in_the_same_study(tmp_path: Path, pacs: Orthanc,
         storescu(node.port, files)
 
         def seen() -> set[str]:
-            return {str(r.get("SeriesDescription")) for s in studies for r in _results(pacs, s)}
+            return {str(r.get("SeriesDescription")) for s in studies for r in ai_results(pacs, s)}
 
         def settled() -> bool:
             status = node.status()
@@ -122,7 +112,7 @@ def test_phantom_in_results_out_in_the_same_study(tmp_path: Path, pacs: Orthanc,
     assert seen() == expected
     rendered = ""
     for study in studies:
-        for r in _results(pacs, study):
+        for r in ai_results(pacs, study):
             path = tmp_path / f"{r['id']}.dcm"
             path.write_bytes(pacs.instance_file(r["id"]))
             verify = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
