@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +59,7 @@ __all__ = [
     "map_peak",
     "mask_at_input",
     "peak_hit",
+    "phantom_heatmap_metrics",
     "pneumonia_heatmap_metrics",
     "write_heatmap_report",
 ]
@@ -317,20 +318,27 @@ def chest_xray_heatmap_cases(seed: int, n: int, *, size: int,
     return cases
 
 
-def pneumonia_heatmap_metrics(package: ModelPackage, options: TaskOptions) -> list[Metric]:
-    """The card's heat-map metric for a pneumonia package trained on phantoms.
-
-    Measured on the held-out test phantoms (``test_seed``, ``n_test``); packages trained
-    on other data have no masks to check against and get no such metric.
-    """
+def phantom_heatmap_metrics(package: ModelPackage, options: TaskOptions,
+                            make_cases: Callable[[int, int, int], list[HeatmapCase]],
+                            phantoms: str, cases_of: str) -> list[Metric]:
+    """The card's heat-map metric, measured on the held-out test phantoms (``test_seed``,
+    ``n_test``, made at ``phantom_size`` by ``make_cases``); packages trained on other
+    data have no masks to check against and get no such metric."""
     if options.data != "phantom":
         return []
     o = options.resolved()
     assert o.test_seed is not None and o.n_test is not None and o.phantom_size is not None
-    cases = chest_xray_heatmap_cases(o.test_seed, o.n_test, size=o.phantom_size)
+    cases = make_cases(o.test_seed, o.n_test, o.phantom_size)
     report = evaluate_heatmaps(
         package, cases, tolerance_px=grid_tolerance_px(o.output_stride),
-        dataset=(f"held-out chest phantoms, seed {o.test_seed} ({len(cases)} pneumonia cases "
+        dataset=(f"held-out {phantoms} phantoms, seed {o.test_seed} ({len(cases)} {cases_of} "
                  f"of {o.n_test}); synthetic phantoms, not for clinical use"))
     write_heatmap_report(report, package)
     return report.metrics()
+
+
+def pneumonia_heatmap_metrics(package: ModelPackage, options: TaskOptions) -> list[Metric]:
+    """The card's heat-map metric for a pneumonia package trained on phantoms."""
+    return phantom_heatmap_metrics(
+        package, options, lambda seed, n, size: chest_xray_heatmap_cases(seed, n, size=size),
+        "chest", "pneumonia cases")

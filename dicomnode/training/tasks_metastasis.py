@@ -378,23 +378,11 @@ def head_ct_heatmap_cases(seed: int, n: int, *, matrix: int) -> list[HeatmapCase
 
 def metastasis_heatmap_metrics(package: ModelPackage, options: TaskOptions) -> list[Metric]:
     """The card's heat-map metric, on the held-out test phantoms (``test_seed``)."""
-    from dicomnode.training.heatmap_eval import (
-        evaluate_heatmaps,
-        grid_tolerance_px,
-        write_heatmap_report,
-    )
+    from dicomnode.training.heatmap_eval import phantom_heatmap_metrics
 
-    if options.data != "phantom":
-        return []
-    o = options.resolved()
-    assert o.test_seed is not None and o.n_test is not None and o.phantom_size is not None
-    cases = head_ct_heatmap_cases(o.test_seed, o.n_test, matrix=o.phantom_size)
-    report = evaluate_heatmaps(
-        package, cases, tolerance_px=grid_tolerance_px(o.output_stride),
-        dataset=(f"held-out head CT phantoms, seed {o.test_seed} ({len(cases)} metastasis "
-                 f"patients of {o.n_test}); synthetic phantoms, not for clinical use"))
-    write_heatmap_report(report, package)
-    return report.metrics()
+    return phantom_heatmap_metrics(
+        package, options, lambda seed, n, size: head_ct_heatmap_cases(seed, n, matrix=size),
+        "head CT", "metastasis patients")
 
 
 def _card_text() -> CardText:
