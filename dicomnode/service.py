@@ -19,6 +19,7 @@ from dicomnode.history.jobs import HistoryService
 from dicomnode.history.timeline import measurement_from_job
 from dicomnode.ingest.completion import CompletionTracker
 from dicomnode.ingest.ledger import JobRow, Ledger
+from dicomnode.ingest.reconcile import mark_running, mark_stopped, reconcile, unclean_since
 from dicomnode.ingest.spool import Spool
 from dicomnode.jobs.outbox import OutboxSender
 from dicomnode.jobs.runner import JobRunner
@@ -86,6 +87,14 @@ class Node:
 
     def start(self) -> None:
         removed = self.spool.clear_partials()
+        since = unclean_since(self.spool.root)
+        if since is not None:
+            report = reconcile(self.spool, self.ledger, since, self.scp.keywords,
+                               self.scp.header_tags)
+            log.info("unclean stop: %d spool file(s) since it checked, %d re-indexed, "
+                     "%d damaged, %d unreadable", report.scanned, report.indexed,
+                     report.mismatched, report.unreadable)
+        mark_running(self.spool.root)
         jobs, sends = self.ledger.recover()
         if removed or jobs or sends:
             log.info("recovered after restart: %d partial file(s) removed, %d job(s) and "
@@ -113,6 +122,7 @@ class Node:
         self.scheduler.shutdown(wait=True)
         self.history.uninstall()
         self.runner.stop()
+        mark_stopped(self.spool.root, self.ledger)
         log.info("stopped")
 
     def serve_forever(self) -> None:

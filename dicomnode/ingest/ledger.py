@@ -358,6 +358,7 @@ class Ledger:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
+            self._local.sync = "FULL"
         return conn
 
     def close(self) -> None:
@@ -367,8 +368,14 @@ class Ledger:
             self._local.conn = None
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, sync: str = "FULL") -> Iterator[sqlite3.Connection]:
+        """One write transaction. ``sync="FULL"`` (every state transition) fsyncs the WAL
+        at commit, which also makes every earlier commit durable; ``"NORMAL"`` (only
+        ``record_instance``) commits to the WAL without an fsync: see ``record_instance``."""
         conn = self._conn()
+        if getattr(self._local, "sync", "FULL") != sync:
+            conn.execute(f"PRAGMA synchronous={'NORMAL' if sync == 'NORMAL' else 'FULL'}")
+            self._local.sync = sync
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -387,10 +394,32 @@ class Ledger:
 
     # -- ingest ------------------------------------------------------------------------
 
-    def record_instance(self, rec: InstanceRecord) -> IngestOutcome:
-        """Record a durable instance; re-open its series and study if they had closed."""
-        now = self.clock()
+    def sync(self) -> None:
+        """Make every commit so far durable (one fsync of the WAL)."""
         with self._write() as c:
+            c.execute("INSERT OR REPLACE INTO meta VALUES ('synced_at', ?)", (str(self.clock()),))
+
+    def known_sha256(self, since: float) -> set[str]:
+        """Content hashes the ledger knows: current instances received at or after
+        ``since`` and every superseded version (start-up reconciliation compares the
+        spool's recent files with these)."""
+        rows = self._conn().execute(
+            "SELECT sha256 FROM instances WHERE received_at >= ? "
+            "UNION SELECT sha256 FROM instance_versions", (since,)).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def record_instance(self, rec: InstanceRecord, *, durable: bool = False) -> IngestOutcome:
+        """Record an instance whose bytes are already durable in the spool; re-open its
+        series and study if they had closed.
+
+        The commit reaches the WAL before this returns (a killed process keeps it), but
+        is not fsynced unless ``durable``: the fsynced spool file is the durable record of
+        a received instance, and after an unclean stop the node re-indexes spool files the
+        ledger lost (``ingest.reconcile``). The next FULL commit (any job, completion or
+        outbox transition) makes these commits durable too, in order.
+        """
+        now = self.clock()
+        with self._write("FULL" if durable else "NORMAL") as c:
             prev = c.execute("SELECT sha256, path FROM instances WHERE sop_instance_uid=?",
                              (rec.sop_instance_uid,)).fetchone()
             if prev is not None and prev[0] == rec.sha256:

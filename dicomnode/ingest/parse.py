@@ -70,6 +70,7 @@ class InstanceHeader:
     series_instance_uid: str
     transfer_syntax_uid: str
     attrs: dict[str, Any]  # keyword -> plain value, for the kept top-level elements
+    sending_ae: str | None = None  # (0002,0017) from the file meta, as the node wrote it
 
 
 def _is_sequence(tag: int) -> bool:
@@ -250,12 +251,14 @@ def _expected_native_bytes(ds: dict[str, Any]) -> int | None:
     return (rows * cols * spp * frames * bits + 7) // 8
 
 
-def _meta(buf: mmap.mmap | bytes) -> tuple[str, int]:
-    """Transfer syntax and the offset where the dataset starts (after group 2)."""
+def _meta(buf: mmap.mmap | bytes) -> tuple[str, int, str | None]:
+    """Transfer syntax, the offset where the dataset starts (after group 2) and the
+    Sending Application Entity Title (0002,0017) when the file meta carries one."""
     if len(buf) < 132 or bytes(buf[128:132]) != b"DICM":
         raise DatasetRejected("not a DICOM file (no preamble and DICM prefix)")
     walker = _Walker(buf, 132, implicit=False, little=True)
     ts_value = ""
+    sending: str | None = None
     while walker.pos + 2 <= len(buf) and walker.u16.unpack_from(buf, walker.pos)[0] == 0x0002:
         tag = walker._tag()
         _, length = walker._vr_length(tag)
@@ -266,9 +269,12 @@ def _meta(buf: mmap.mmap | bytes) -> tuple[str, int]:
         if tag == 0x00020010:
             ts_value = bytes(buf[value_at:value_at + length]).decode("ascii", "replace")
             ts_value = ts_value.strip(" \0")
+        elif tag == 0x00020017 and 0 < length <= 16:
+            sending = bytes(buf[value_at:value_at + length]).decode("ascii", "replace")
+            sending = sending.strip(" \0") or None
     if not ts_value:
         raise DatasetRejected("no transfer syntax in the file meta information")
-    return ts_value, walker.pos
+    return ts_value, walker.pos, sending
 
 
 def read_instance(path: Path, *, affected_sop_class: str | None = None,
@@ -287,7 +293,7 @@ def read_instance(path: Path, *, affected_sop_class: str | None = None,
         if size == 0:
             raise DatasetRejected("empty file")
         with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            ts, start = _meta(buf)
+            ts, start, sending = _meta(buf)
             tsu = UID(ts)
             if not UID_RE.match(ts):
                 raise DatasetRejected("transfer syntax is not a valid UID")
@@ -316,7 +322,7 @@ def read_instance(path: Path, *, affected_sop_class: str | None = None,
             raise DatasetRejected(
                 f"pixel data holds {walker.pixel_length} bytes but Rows/Columns/Frames/Bits "
                 f"declare {expected}")
-    return InstanceHeader(sop_class, sop_instance, study, series, ts, ds)
+    return InstanceHeader(sop_class, sop_instance, study, series, ts, ds, sending)
 
 
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",

@@ -45,9 +45,9 @@ from pynetdicom.transport import (
 )
 
 from dicomnode.config import Settings
-from dicomnode.ingest.completion import expected_instances
-from dicomnode.ingest.ledger import InstanceRecord, Ledger
+from dicomnode.ingest.ledger import Ledger
 from dicomnode.ingest.parse import DatasetRejected, header_tags, read_instance
+from dicomnode.ingest.reconcile import build_record
 from dicomnode.ingest.spool import InstanceTooLarge, Spool, SpoolFull, SpoolTempFile
 from dicomnode.net.limits import Admission, ConnectionLimits, LogThrottle, PendingTicket
 from dicomnode.net.pdu_guard import (
@@ -101,12 +101,19 @@ class _FileMeta(NamedTuple):
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
+    sending_ae: str = ""    # (0002,0017): the calling AE, so the spool alone says who sent it
+    receiving_ae: str = ""  # (0002,0018): the node's AE title
 
 
 def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
     if vr == b"OB":
         return struct.pack("<HH2sHL", group, elem, vr, 0, len(value)) + value
     return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _ae(value: str) -> bytes:
+    raw = "".join(c for c in value if " " <= c < "\x7f" and c != "\\")[:16].encode("ascii")
+    return raw + b" " if len(raw) % 2 else raw
 
 
 def _ui(value: str) -> bytes:
@@ -118,18 +125,24 @@ def encode_file_meta(meta: _FileMeta) -> bytes:
     """Group 2 for a received instance, encoded directly (explicit VR little endian).
 
     Building a pydicom FileMetaDataset and running its writer cost more per instance
-    than the fsyncs; the seven elements are simple enough to write by hand.
+    than the fsyncs; the few elements are simple enough to write by hand.
     """
     version = IMPLEMENTATION_VERSION.encode()
-    body = b"".join([
+    elements = [
         _element(2, 0x0001, b"OB", b"\x00\x01"),
         _element(2, 0x0002, b"UI", _ui(meta.sop_class_uid)),
         _element(2, 0x0003, b"UI", _ui(meta.sop_instance_uid)),
         _element(2, 0x0010, b"UI", _ui(meta.transfer_syntax)),
         _element(2, 0x0012, b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
         _element(2, 0x0013, b"SH", version + b" " * (len(version) % 2)),
-    ])
+    ]
+    for elem, title in ((0x0017, _ae(meta.sending_ae)), (0x0018, _ae(meta.receiving_ae))):
+        if title:
+            elements.append(_element(2, elem, b"AE", title))
+    body = b"".join(elements)
     return _element(2, 0x0000, b"UL", struct.pack("<L", len(body))) + body
+
+
 def _quiet_after_guard_abort(record: logging.LogRecord) -> bool:
     """Drop pynetdicom's "PDU shorter than expected" line for a PDU the guard refused:
     the guard has logged the real reason, and the short read is how it stops the DUL."""
@@ -173,10 +186,14 @@ def configure_pynetdicom() -> None:
         original_write = messages.write_file_meta_info
 
         def create_file_meta(**kwargs: Any) -> Any:
-            if isinstance(getattr(getattr(threading.current_thread(), "assoc", None),
-                                  _SPOOL_ATTR, None), Spool):
+            assoc = getattr(threading.current_thread(), "assoc", None)
+            if assoc is not None and isinstance(getattr(assoc, _SPOOL_ATTR, None), Spool):
+                # on a C-GET the node requested the association and the peer stores on it
+                peer, local = ((assoc.acceptor, assoc.requestor) if assoc.is_requestor
+                               else (assoc.requestor, assoc.acceptor))
                 return _FileMeta(str(kwargs["sop_class_uid"]), str(kwargs["sop_instance_uid"]),
-                                 str(kwargs["transfer_syntax"]))
+                                 str(kwargs["transfer_syntax"]), str(peer.ae_title).strip(),
+                                 str(local.ae_title).strip())
             return original_create(**kwargs)
 
         def write_file_meta_info(fp: Any, file_meta: Any, *args: Any, **kwargs: Any) -> None:
@@ -727,27 +744,7 @@ class StoreSCP:
         except SpoolFull as exc:
             log.error("store refused, disk full: %s", exc)
             return int(Status.OUT_OF_RESOURCES)
-        ds = header.attrs
-        patient = f"{ds.get('PatientID', '')}|{ds.get('IssuerOfPatientID', '')}"
-        accession = str(ds.get("AccessionNumber", "") or "")
-        expected, expected_by = expected_instances(ds)
-        record = InstanceRecord(
-            sop_instance_uid=header.sop_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            study_uid=header.study_instance_uid,
-            series_uid=header.series_instance_uid,
-            patient_key=self.ledger.hash_identifier(patient),
-            accession_key=self.ledger.hash_identifier(accession) if accession else None,
-            modality=str(ds.get("Modality", "") or "") or None,
-            path=stored.relpath,
-            sha256=stored.sha256,
-            size=stored.size,
-            transfer_syntax=header.transfer_syntax_uid,
-            calling_ae=calling,
-            attrs={k: ds[k] for k in self.keywords if k in ds},
-            expected_count=expected,
-            expected_by=expected_by,
-        )
+        record = build_record(header, stored, self.ledger, calling, self.keywords)
         try:
             outcome = self.ledger.record_instance(record)
         except sqlite3.OperationalError as exc:

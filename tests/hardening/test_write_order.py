@@ -2,8 +2,11 @@
 
 The node runs under strace; for one stored instance the trace must show, in this order:
 fsync of the received temp file, rename to its content-hash name, fsync of the object
-directory, the ledger's WAL commit (fdatasync/fsync of ledger.sqlite3-wal), and only
-then the P-DATA-TF carrying the C-STORE response.
+directory, the ledger's commit (its frames written to ledger.sqlite3-wal), and only then
+the P-DATA-TF carrying the C-STORE response. The WAL is not fsynced per instance (the
+fsynced spool file is the durable record; ingest/reconcile.py re-indexes it after an
+unclean stop), so the trace must also show the clean stop fsyncing the WAL and removing
+the run marker.
 """
 
 from __future__ import annotations
@@ -50,10 +53,13 @@ def _events(trace: str) -> list[tuple[float, str, str, int]]:
             out.append((float(m["t"]), call, fds.get(fd, f"fd {fd}"), ret))
         elif call in ("rename", "renameat", "renameat2"):
             out.append((float(m["t"]), call, args, ret))
-        elif call in ("sendto", "sendmsg", "write"):
+        elif call in ("sendto", "sendmsg", "write", "pwrite64"):
             fd = int(args.split(",")[0])
             first = re.search(r'"(\\\d+|.)', args)
-            out.append((float(m["t"]), call, f"fd {fd} {first.group(1) if first else ''}", ret))
+            where = fds.get(fd, f"fd {fd}")
+            out.append((float(m["t"]), call, f"{where} {first.group(1) if first else ''}", ret))
+        elif call in ("unlink", "unlinkat"):
+            out.append((float(m["t"]), call, args, ret))
     return out
 
 
@@ -67,7 +73,8 @@ def test_write_fsync_rename_dirfsync_commit_then_respond(tmp_path: Path) -> None
     trace_file = tmp_path / "trace.txt"
     proc = subprocess.Popen(
         [strace, "-f", "-ttt", "-o", str(trace_file), "-e",
-         "trace=openat,fsync,fdatasync,rename,renameat,renameat2,sendto,sendmsg,write",
+         "trace=openat,fsync,fdatasync,rename,renameat,renameat2,sendto,sendmsg,write,pwrite64,"
+         "unlink,unlinkat",
          sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(cfg)],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -96,9 +103,17 @@ def test_write_fsync_rename_dirfsync_commit_then_respond(tmp_path: Path) -> None
         "the temp file was not fsynced before the rename"
     dir_sync = next(i for i, e in enumerate(after)
                     if e[1] in ("fsync", "fdatasync") and "/objects/" in e[2] + "/")
-    wal_sync = next(i for i, e in enumerate(after)
-                    if e[1] in ("fsync", "fdatasync") and e[2].endswith("ledger.sqlite3-wal"))
+    wal_commit = next(i for i, e in enumerate(after)
+                      if e[1] in ("write", "pwrite64") and "ledger.sqlite3-wal " in e[2])
     response = next(i for i, e in enumerate(after)
                     if e[1] in ("sendto", "sendmsg", "write") and e[2].endswith("\\4"))
-    assert dir_sync < wal_sync < response, (
-        f"order: dir fsync {dir_sync}, WAL commit {wal_sync}, response {response}")
+    assert dir_sync < wal_commit < response, (
+        f"order: dir fsync {dir_sync}, WAL commit {wal_commit}, response {response}")
+    # the clean stop makes the ledger durable before it removes the run marker
+    wal_sync = [i for i, e in enumerate(after) if i > response
+                and e[1] in ("fsync", "fdatasync") and e[2].endswith("ledger.sqlite3-wal")]
+    marker_gone = [i for i, e in enumerate(after)
+                   if e[1].startswith("unlink") and "node.running" in e[2]]
+    assert marker_gone and any(w < marker_gone[-1] for w in wal_sync), \
+        "the clean stop did not fsync the WAL before removing the run marker"
+    assert not (tmp_path / "var" / "node.running").exists()
