@@ -207,6 +207,37 @@ class QuerySettings:
     reanalyse_images: bool = True
 
 
+WEB_ROLES = ("viewer", "operator", "clinical")
+
+
+@dataclass(frozen=True)
+class WebToken:
+    """One bearer token for the status page and API, and the role it grants.
+
+    Roles: ``viewer`` reads (hashed identifiers only); ``operator`` may also retry dead
+    letters and failed jobs; ``clinical`` may also see patient identifiers.
+    """
+
+    name: str
+    token: str = field(repr=False)
+    role: str = "viewer"
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The HTTP status page, REST API and /metrics served beside the DICOM listener.
+
+    Off unless configured; a non-loopback ``host`` needs ``allow_remote: true``. With no
+    token configured, one is generated into ``<storage>/web-token`` (mode 0600).
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8480
+    allow_remote: bool = False
+    tokens: tuple[WebToken, ...] = ()
+
+
 @dataclass(frozen=True)
 class Settings:
     node: NodeSettings
@@ -222,6 +253,7 @@ class Settings:
     source: Path | None = None
     pipelines: Mapping[str, str] = field(default_factory=dict)
     query: QuerySettings = field(default_factory=QuerySettings)
+    web: WebSettings = field(default_factory=WebSettings)
 
     @property
     def spool_dir(self) -> Path:
@@ -437,6 +469,64 @@ def _parse_query(r: _Reader, q: Mapping[str, Any],
     )
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_web(r: _Reader, data: Any) -> WebSettings:
+    if data is None:
+        return WebSettings()
+    w = r.mapping(data, "web")
+    r.unknown(w, "web", {"enabled", "host", "port", "allow_remote", "tokens"})
+    flags: dict[str, bool] = {}
+    for name, default in (("enabled", True), ("allow_remote", False)):
+        value = w.get(name, default)
+        if not isinstance(value, bool):
+            r.problem(f"web.{name}", f"expected true or false, got {value!r}")
+            value = default
+        flags[name] = value
+    host = r.string(w, "web", "host", "127.0.0.1")
+    port = r.port(w.get("port", 8480), "web.port")
+    if flags["enabled"] and not flags["allow_remote"] and not _is_loopback(host):
+        r.problem("web.host", f"{host!r} is not a loopback address: the status page shows "
+                              "what the node received; say allow_remote: true to serve it "
+                              "on the network (behind TLS)")
+    raw = w.get("tokens", [])
+    if not isinstance(raw, list):
+        r.problem("web.tokens", "expected a list of {name, token | token_env, role}")
+        raw = []
+    tokens: list[WebToken] = []
+    for i, item in enumerate(raw):
+        key = f"web.tokens[{i}]"
+        item = r.mapping(item, key)
+        r.unknown(item, key, {"name", "token", "token_env", "role"})
+        name = item.get("name", f"token-{i}")
+        role = item.get("role", "viewer")
+        if role not in WEB_ROLES:
+            r.problem(f"{key}.role", f"must be one of {', '.join(WEB_ROLES)}, got {role!r}")
+            role = "viewer"
+        token = item.get("token")
+        env = item.get("token_env")
+        if (token is None) == (env is None):
+            r.problem(key, "give token or token_env (exactly one)")
+            continue
+        if env is not None:
+            if not isinstance(env, str) or not os.environ.get(env):
+                r.problem(f"{key}.token_env", f"environment variable {env!r} is not set")
+                continue
+            token = os.environ[env]
+        if not isinstance(token, str) or len(token) < 16:
+            r.problem(f"{key}.token", "expected a string of at least 16 characters")
+            continue
+        tokens.append(WebToken(str(name), token, str(role)))
+    return WebSettings(flags["enabled"], host, port, flags["allow_remote"], tuple(tokens))
+
+
 def load_settings(path: Path) -> Settings:
     """Read and validate a config file; raise ConfigError listing every problem."""
     try:
@@ -454,7 +544,7 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
     r = _Reader(str(source) if source else "<config>")
     top = r.mapping(data, "(top level)")
     r.unknown(top, "", {"node", "security", "completion", "destinations", "routes", "query",
-                        "models", "jobs", "outbox", "logging", "pipelines"})
+                        "models", "jobs", "outbox", "logging", "pipelines", "web"})
 
     plugins: dict[str, str] = {}
     for plugin, target in r.mapping(top.get("pipelines"), "pipelines").items():
@@ -629,7 +719,9 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
         r.problem("logging.level", f"must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
         level = "INFO"
 
+    web = _parse_web(r, top.get("web"))
+
     if r.problems:
         raise ConfigError(r.problems)
     return Settings(node, security, completion, destinations, tuple(routes), jobs, outbox,
-                    query_source, models_dir, level, source, plugins, query)
+                    query_source, models_dir, level, source, plugins, query, web)

@@ -24,8 +24,13 @@ from dicomnode.ingest.spool import Spool
 from dicomnode.jobs.outbox import OutboxSender
 from dicomnode.jobs.runner import JobRunner
 from dicomnode.net.scp import StoreSCP
+from dicomnode.ops.audit import AUDIT_NAME, AuditTrail
+from dicomnode.ops.observer import Operations
+from dicomnode.ops.reader import LedgerReader
 from dicomnode.routing.router import Router, routing_keywords
 from dicomnode.routing.rules import header_values
+from dicomnode.web.api import StatusApi
+from dicomnode.web.server import WebServer, load_or_create_token
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +49,33 @@ class Node:
         self.ledger = open_ledger(settings, clock)
         self.router = Router(settings.routes, header_loader=self._series_header)
         self.completion = CompletionTracker(self.ledger, self.router, settings.completion)
-        self.outbox = OutboxSender(settings, self.ledger, self.spool)
+        self.audit = AuditTrail(settings.spool_dir / AUDIT_NAME, clock=clock)
+        self.reader = LedgerReader(settings.spool_dir / LEDGER_NAME)
+        self.ops = Operations(settings, self.reader, self.audit)
+        self.outbox = OutboxSender(settings, self.ledger, self.spool, events=self.ops)
         self.runner = JobRunner(settings, self.ledger, on_finished=self._kick_outbox,
-                                on_done=self._job_done)
-        self.scp = StoreSCP(settings, self.spool, self.ledger)
+                                on_done=self._job_done, events=self.ops)
+        self.scp = StoreSCP(settings, self.spool, self.ledger, events=self.ops)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.history = HistoryService(settings, self.ledger, self.spool,
                                       on_queued=self._kick_outbox)
         self._stopped = threading.Event()
+        self.web = self._build_web() if settings.web.enabled else None
+
+    def _build_web(self) -> WebServer:
+        tokens = self.settings.web.tokens or (load_or_create_token(self.settings.spool_dir),)
+        api = StatusApi(self.settings, self.ledger, self.reader, self.spool, self.router,
+                        self.audit, header_loader=self._series_header)
+        return WebServer(self.settings.web, api, self.ops.metrics, self.audit, self.readiness,
+                         tokens)
+
+    def readiness(self) -> dict[str, bool]:
+        """What /readyz checks: the node can take studies in and get results out."""
+        return {"dicom_listener": self.scp._server is not None,
+                "ledger_readable": self.reader.readable(),
+                "scheduler_running": bool(self.scheduler.running),
+                "job_workers": self.runner.alive(),
+                "running": not self._stopped.is_set()}
 
     def _series_header(self, series_uid: str) -> Mapping[str, Any]:
         paths = self.ledger.instance_paths([series_uid])
@@ -62,6 +86,8 @@ class Node:
 
     def _sweep(self) -> None:
         closed = self.completion.sweep()
+        for c in closed:
+            self.ops.closed(c.level, c.uid, c.reason)
         if any(c.jobs for c in closed):
             self.runner.wake.set()
 
@@ -99,6 +125,8 @@ class Node:
         if removed or jobs or sends:
             log.info("recovered after restart: %d partial file(s) removed, %d job(s) and "
                      "%d send(s) re-queued", removed, jobs, sends)
+        self.audit.start()
+        self.ops.started()
         self.scp.start()
         # a sweep or pump still running when the next is due is normal, not a warning
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
@@ -112,16 +140,22 @@ class Node:
         self.history.install(self.scheduler)
         self.scheduler.start()
         self.runner.start()
+        if self.web is not None:
+            self.web.start()
 
     def stop(self) -> None:
         """Graceful: stop accepting, stop scheduling, let jobs finish or re-queue them."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.web is not None:
+            self.web.stop()
         self.scp.stop()
         self.scheduler.shutdown(wait=True)
         self.history.uninstall()
         self.runner.stop()
+        self.ops.stopped()
+        self.audit.stop()
         mark_stopped(self.spool.root, self.ledger)
         log.info("stopped")
 

@@ -20,14 +20,16 @@ from dicomnode.ingest.ledger import Ledger, OutboxRow
 from dicomnode.ingest.spool import Spool
 from dicomnode.net.scu import AssociationFailed, StoreClient
 from dicomnode.net.tls import client_context_for
+from dicomnode.ops.events import NO_EVENTS, NodeEvents
 
 log = logging.getLogger(__name__)
 
 
 class OutboxSender:
     def __init__(self, settings: Settings, ledger: Ledger, spool: Spool,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, events: NodeEvents = NO_EVENTS) -> None:
         self.settings = settings
+        self.events = events
         self.ledger = ledger
         self.spool = spool
         self.rng = rng or random.Random()
@@ -88,6 +90,7 @@ class OutboxSender:
         except (AssociationFailed, OSError, RuntimeError, ValueError) as exc:
             for row in rows:
                 self._failed(row, row.attempts + 1, None, str(exc))
+                self.events.send_answered(row, False, None, str(exc))
             return 0
         confirmed = 0
         for row, res in zip(rows, results, strict=True):
@@ -99,10 +102,13 @@ class OutboxSender:
                     log.warning("result %d: %s answered warning 0x%04X", row.id, dest.name,
                                 res.status)
                 self.ledger.mark_sent(row.id, res.status)
+                self.events.send_answered(row, True, res.status, None)
                 confirmed += 1
             else:
                 status = f"0x{res.status:04X}" if res.status is not None else "no response"
-                self._failed(row, attempts, res.status, f"{status} {res.error or ''}".strip())
+                error = f"{status} {res.error or ''}".strip()
+                self._failed(row, attempts, res.status, error)
+                self.events.send_answered(row, False, res.status, error)
         if confirmed:
             log.info("%d result object(s) confirmed by %s", confirmed, dest.name)
         return confirmed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime
@@ -20,6 +21,7 @@ from typing import Any
 from dicomnode.config import Settings
 from dicomnode.ingest.ledger import JobRow, Ledger
 from dicomnode.jobs.execute import JobOutcome, JobSpec, execute
+from dicomnode.ops.events import NO_EVENTS, NodeEvents
 from dicomnode.pipelines.base import PipelineError
 
 log = logging.getLogger(__name__)
@@ -93,14 +95,15 @@ class JobRunner:
     def __init__(self, settings: Settings, ledger: Ledger,
                  on_finished: Callable[[], None] | None = None,
                  on_done: Callable[[JobRow, Mapping[str, Any],
-                                    Sequence[tuple[str, str, str, str]]], None] | None = None
-                 ) -> None:
+                                    Sequence[tuple[str, str, str, str]]], None] | None = None,
+                 events: NodeEvents = NO_EVENTS) -> None:
         """``on_done`` sees each job that finished with results (e.g. to schedule history
         jobs for a new volume); it runs after the results are durably queued."""
         self.settings = settings
         self.ledger = ledger
         self.on_finished = on_finished
         self.on_done = on_done
+        self.events = events
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -115,6 +118,10 @@ class JobRunner:
                                  name=f"job-slot-{slot}")
             t.start()
             self._threads.append(t)
+
+    def alive(self) -> bool:
+        """Whether every worker slot's thread is running."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop claiming; let running jobs finish within the grace, then re-queue them."""
@@ -192,6 +199,10 @@ class JobRunner:
         timeout = self.settings.jobs.timeout_s
         log.info("job %d (%s, %s) attempt %d: %d instance(s)", job.id, job.route, job.pipeline,
                  job.attempts, len(spec.instance_paths))
+        started = time.monotonic()
+
+        def report(state: str, summary: Mapping[str, Any] | None, error: str | None) -> None:
+            self.events.job_finished(job, state, time.monotonic() - started, summary, error)
         try:
             conn.send(spec)
             if not conn.poll(timeout):
@@ -200,6 +211,7 @@ class JobRunner:
                                              max_attempts=self.settings.jobs.max_attempts)
                 log.error("job %d timed out after %g s; worker killed; now %s", job.id,
                           timeout, state)
+                report(state, None, f"timed out after {timeout:g} s")
                 return
             kind, payload = conn.recv()
         except (EOFError, OSError, BrokenPipeError):
@@ -212,6 +224,7 @@ class JobRunner:
             state = self.ledger.fail_job(job.id, reason,
                                          max_attempts=self.settings.jobs.max_attempts)
             log.error("job %d: %s; now %s", job.id, reason, state)
+            report(state, None, reason)
             return
         if kind == "ok":
             outcome: JobOutcome = payload
@@ -219,6 +232,7 @@ class JobRunner:
                                    route.send_to)
             log.info("job %d done: %d result object(s) queued for %s", job.id,
                      len(outcome.outputs), ", ".join(route.send_to) or "no destination")
+            report("done", outcome.summary, None)
             if self.on_done is not None:
                 try:
                     self.on_done(job, outcome.summary, outcome.outputs)
@@ -228,3 +242,4 @@ class JobRunner:
             attempts = 0 if kind == "fatal" else self.settings.jobs.max_attempts
             state = self.ledger.fail_job(job.id, str(payload), max_attempts=attempts)
             log.error("job %d failed (%s): %s", job.id, state, str(payload).splitlines()[0])
+            report(state, None, str(payload))

@@ -70,6 +70,7 @@ from dicomnode.net.status import (
     Status,
 )
 from dicomnode.net.tls import TlsHandshakeFailed, handshake, server_context
+from dicomnode.ops.events import NO_EVENTS, NodeEvents
 from dicomnode.routing.router import routing_keywords
 
 log = logging.getLogger(__name__)
@@ -478,8 +479,10 @@ class GuardedServer(ThreadedAssociationServer):
                  ssl_context: ssl.SSLContext | None = None,
                  evt_handlers: list[Any] | None = None, *, settings: Settings,
                  tls_context: ssl.SSLContext | None = None,
-                 thread_cleanup: Callable[[], None] | None = None) -> None:
+                 thread_cleanup: Callable[[], None] | None = None,
+                 events: NodeEvents = NO_EVENTS) -> None:
         self.settings = settings
+        self.events = events
         # run on each association's thread as it ends (closes its ledger connection,
         # which would otherwise stay open until the garbage collector finds it)
         self.thread_cleanup = thread_cleanup
@@ -501,6 +504,7 @@ class GuardedServer(ThreadedAssociationServer):
             _warn_throttled(f"pending:{address}", "connection from %s refused: too many "
                             "connections from it (or its pool) have not associated yet",
                             address)
+            self.events.association_rejected("", address, "pending-limit")
             self.shutdown_request(request)
             return
         thread = threading.Thread(target=self._serve_connection,
@@ -569,17 +573,20 @@ class GuardedServer(ThreadedAssociationServer):
             _warn_throttled(f"called:{address}", "rejected association from %r (%s): called "
                             "AE %r is not ours", calling, address, called)
             _send_and_close(sock, reject_pdu(*REJECT_CALLED_AE))
+            self.events.association_rejected(calling, address, "called-ae")
             return False
         if not self.settings.security.caller_allowed(calling, address):
             _warn_throttled(f"calling:{address}", "rejected association from %r (%s): not "
                             "on the allow-list", calling, address)
             _send_and_close(sock, reject_pdu(*REJECT_CALLING_AE))
+            self.events.association_rejected(calling, address, "calling-ae")
             return False
         if not self.admission.reserve_association():
             _warn_throttled("limit", "refused association from %r (%s): %d associations "
                             "already (local limit)", calling, address,
                             limits.max_associations)
             _send_and_close(sock, reject_pdu(*REJECT_LOCAL_LIMIT))
+            self.events.association_rejected(calling, address, "local-limit")
             return False
         once = threading.Lock()
 
@@ -600,9 +607,11 @@ class StoreSCP:
     """Owns the listening AE; each association runs on its own pynetdicom thread."""
 
     def __init__(self, settings: Settings, spool: Spool, ledger: Ledger,
-                 on_stored: Callable[[], None] | None = None) -> None:
+                 on_stored: Callable[[], None] | None = None,
+                 events: NodeEvents = NO_EVENTS) -> None:
         configure_pynetdicom()
         self.settings = settings
+        self.events = events
         self.spool = spool
         self.ledger = ledger
         self.on_stored = on_stored
@@ -639,12 +648,14 @@ class StoreSCP:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_STORE, self._observed_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
         ]
         server = self.ae.make_server(
             (self.settings.node.host, self.settings.node.port), evt_handlers=handlers,
             server_class=GuardedServer, settings=self.settings,
-            tls_context=self.tls_context, thread_cleanup=self.ledger.close)
+            tls_context=self.tls_context, thread_cleanup=self._association_ended,
+            events=self.events)
         assert isinstance(server, GuardedServer)
         self.ae._servers.append(server)
         self._server = server
@@ -691,6 +702,23 @@ class StoreSCP:
         elif (why := self._identity_problem(assoc, calling)) is not None:
             self._reject(assoc, REJECT_USER_IDENTITY)
             log.warning("rejected association from %r (%s): %s", calling, address, why)
+            self.events.association_rejected(calling, address, "user-identity")
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        self.events.association_accepted(event.assoc, str(event.assoc.requestor.ae_title)
+                                         .strip(), str(event.assoc.requestor.address))
+
+    def _association_ended(self) -> None:
+        """On the association's own thread as it ends."""
+        self.ledger.close()
+        self.events.association_closed(threading.current_thread())
+
+    def _observed_store(self, event: evt.Event) -> int | Dataset:
+        started = time.monotonic()
+        status = self.handle_store(event)
+        self.events.store_answered(event.assoc, int(status) if isinstance(status, int)
+                                   else int(status.Status), time.monotonic() - started)
+        return status
 
     def _identity_problem(self, assoc: Any, calling: str) -> str | None:
         """Why the caller's User Identity is not acceptable (never quoting it), or None."""
@@ -759,6 +787,7 @@ class StoreSCP:
         if outcome.kind == "replaced":
             log.warning("instance %s re-sent with different content: new version kept, "
                         "previous kept as %s", stored.sha256[:12], outcome.previous_path)
+        self.events.instance_stored(event.assoc, record, outcome.kind)
         if self.on_stored is not None:
             self.on_stored()
         return int(Status.SUCCESS)

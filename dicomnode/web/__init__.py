@@ -1,0 +1,1 @@
+"""The node's status page and REST API (stdlib HTTP server), with /metrics."""
