@@ -22,6 +22,9 @@ command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 if [ "$extras" = "[test,train]" ]; then
   command -v strace >/dev/null 2>&1 || need_apt+=(strace)  # the write-order test
+  # the browser tests: headless Chromium, and Orthanc's web viewer plugin
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+  [ -e /usr/share/orthanc/plugins/libOrthancWebViewer.so ] || need_apt+=(orthanc-webviewer)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
