@@ -66,7 +66,9 @@ def _settings(workdir: Path, node_port: int, pacs_port: int) -> Settings:
     destinations = {**base.destinations,
                     "pacs": Destination("pacs", pacs.ae_title if pacs else "ORTHANC",
                                         "127.0.0.1", pacs_port)}
-    return dataclasses.replace(base, node=node, destinations=destinations)
+    # the status page on a free port, so a demo never collides with a running node
+    web = dataclasses.replace(base.web, port=0)
+    return dataclasses.replace(base, node=node, destinations=destinations, web=web)
 
 
 def _done(node: Node, studies: int) -> bool:

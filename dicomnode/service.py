@@ -30,7 +30,7 @@ from dicomnode.ops.reader import LedgerReader
 from dicomnode.routing.router import Router, routing_keywords
 from dicomnode.routing.rules import header_values
 from dicomnode.web.api import StatusApi
-from dicomnode.web.server import WebServer, load_or_create_token
+from dicomnode.web.server import TOKEN_FILE, WebServer, load_or_create_token
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,11 @@ class Node:
         self.web = self._build_web() if settings.web.enabled else None
 
     def _build_web(self) -> WebServer:
-        tokens = self.settings.web.tokens or (load_or_create_token(self.settings.spool_dir),)
+        tokens = self.settings.web.tokens
+        if not tokens:
+            tokens = (load_or_create_token(self.settings.spool_dir),)
+            log.info("web: no tokens configured; the local operator token is in %s",
+                     self.settings.spool_dir / TOKEN_FILE)
         api = StatusApi(self.settings, self.ledger, self.reader, self.spool, self.router,
                         self.audit, header_loader=self._series_header)
         return WebServer(self.settings.web, api, self.ops.metrics, self.audit, self.readiness,
