@@ -322,6 +322,12 @@ def build_measurement_report(
         title=codes.IMAGING_MEASUREMENT_REPORT,
     )
     root = report[0]
+    library = _image_library(sources)
+    if library is not None:
+        items = list(root.ContentSequence)
+        at = next(i for i, item in enumerate(items)
+                  if item.ConceptNameCodeSequence[0].CodeValue == "126010")
+        root.ContentSequence = hd.sr.ContentSequence([*items[:at], library, *items[at:]])
     root.ContentSequence.append(_qualitative_evaluations(summary, outcome, notes))
     _mark_containers_separate(root)
 
@@ -562,6 +568,33 @@ def _qualitative_evaluations(
     )
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container
+
+
+def _image_library(sources: Sequence[Dataset]) -> hd.sr.ContainerContentItem | None:
+    """TID 1600 Image Library: one Image Library Group listing the source images.
+
+    Viewers look the report's images up here (OHIF's SR handler reads the referenced
+    images from Image Library > Image Library Group). The entries carry no TID 1602
+    descriptors, which are optional and whose required attributes differ by modality
+    (a radiograph without Imager Pixel Spacing could not be described).
+    """
+    images = [ds for ds in sources if "Rows" in ds and "SOPClassUID" in ds]
+    if not images:
+        return None
+    entries = [hd.sr.ImageContentItem(
+        name=_SOURCE, referenced_sop_class_uid=str(ds.SOPClassUID),
+        referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS) for ds in images]
+    group = hd.sr.ContainerContentItem(name=_dicom_codes.DCM.ImageLibraryGroup,
+                                       relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    group.ContentSequence = hd.sr.ContentSequence(entries)
+    library = hd.sr.ContainerContentItem(name=_dicom_codes.DCM.ImageLibrary,
+                                         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    library.ContentSequence = hd.sr.ContentSequence([group])
+    return library
+
+
+_SOURCE = Code("260753009", "SCT", "Source")
 
 
 def _mark_containers_separate(item: Dataset) -> None:
