@@ -282,6 +282,24 @@ def test_evidence_lists_every_source() -> None:
     assert listed == {str(first.SOPInstanceUID), str(second.SOPInstanceUID)}
 
 
+def test_image_library_lists_the_sources_before_the_measurements() -> None:
+    """TID 1600, as OHIF reads it: Image Library > Image Library Group > IMAGE items."""
+    first = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm", stop_before_pixels=True)
+    second = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm", stop_before_pixels=True)
+    second.SOPInstanceUID = derive_uid("second slice")
+    report = through_bytes(build_measurement_report(
+        [first, second], findings(first), ALGORITHM, series_instance_uid=derive_uid("s"),
+        sop_instance_uid=derive_uid("i"), series_description="AI test"))
+    names = [str(item.ConceptNameCodeSequence[0].CodeValue) for item in report.ContentSequence]
+    assert names.index("111028") < names.index("126010")
+    library = report.ContentSequence[names.index("111028")]
+    (group,) = library.ContentSequence
+    assert group.ConceptNameCodeSequence[0].CodeValue == "126200"
+    assert [str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            for item in group.ContentSequence] == [str(first.SOPInstanceUID),
+                                                    str(second.SOPInstanceUID)]
+
+
 def test_uids_are_deterministic_and_change_with_the_version() -> None:
     source = read_source("NM")
     outcome = findings(source)
