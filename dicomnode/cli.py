@@ -140,6 +140,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Print the audit trail (JSON lines or DICOM audit messages), or check its chain."""
+    from dicomnode.ops.atna import export_xml
+    from dicomnode.ops.audit import AUDIT_NAME, AuditTrail
+
+    settings = _settings(args)
+    path = settings.spool_dir / AUDIT_NAME
+    if not path.exists():
+        raise CliError(f"no audit trail at {path}: has the node run?")
+    trail = AuditTrail(path)
+    try:
+        if args.verify:
+            broken = trail.verify()
+            if broken is not None:
+                print(f"audit trail {path}: the hash chain breaks at record {broken}")
+                return 1
+            print(f"audit trail {path}: hash chain intact")
+            return 0
+        records = trail.records(after=args.after, limit=args.limit)
+        if args.format == "atna":
+            sys.stdout.write(export_xml(records, node_ae=settings.node.ae_title,
+                                        source_id=f"dicomnode/{settings.node.ae_title}")
+                             .decode())
+        else:
+            for record in records:
+                print(json.dumps(record.to_json(), sort_keys=True))
+    finally:
+        trail.close()
+    return 0
+
+
 def cmd_phantom(args: argparse.Namespace) -> int:
     from dicomnode.phantoms import registry
 
@@ -188,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("audit", help="print the audit trail, or check its hash chain")
+    with_config(p)
+    p.add_argument("--format", choices=("json", "atna"), default="json",
+                   help="JSON lines, or DICOM audit messages (PS3.15 A.5, IHE ATNA)")
+    p.add_argument("--after", type=int, default=0, help="only records after this id")
+    p.add_argument("--limit", type=int, default=10_000)
+    p.add_argument("--verify", action="store_true", help="check the hash chain")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("phantom", help="write synthetic studies with ground truth")
     p.add_argument("kind")

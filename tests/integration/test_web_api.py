@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.peers import (
     PYDICOM_FILES,
+    REPO,
     NodeProcess,
     free_port,
     node_config,
@@ -212,6 +214,13 @@ def _check_audit(node: NodeProcess, web: WebClient, tmp_path: Path) -> None:
         assert identifier not in blob, identifier
     stores = [d for k, d in rows if k == "store"]
     assert len(stores) == 2 and all('"patient_key"' in d for d in stores)
+    # the CLI reads the trail of a stopped node: its chain, and the ATNA form
+    cli = [sys.executable, "-m", "dicomnode.cli", "audit", "--config", str(node.config_path)]
+    verified = subprocess.run([*cli, "--verify"], capture_output=True, text=True, cwd=REPO)
+    assert verified.returncode == 0 and "intact" in verified.stdout, verified
+    atna = subprocess.run([*cli, "--format", "atna"], capture_output=True, text=True,
+                          cwd=REPO, check=True).stdout
+    assert len(ET.fromstring(atna).findall("AuditMessage")) >= len(stores)
 
 
 def test_audit_exports_as_dicom_audit_messages(tmp_path: Path, storescp: int) -> None:
