@@ -180,6 +180,7 @@ class WebServer:
             server_version = "dicomnode"
             sys_version = ""
             protocol_version = "HTTP/1.1"
+            timeout = 30  # a client that stops sending mid-request loses its thread
 
             def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
                 log.debug("%s %s %s", self.command, urlsplit(self.path).path, code)
