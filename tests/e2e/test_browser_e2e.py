@@ -29,6 +29,7 @@ from dicomnode.config import DEFAULT_CONFIG
 from dicomnode.phantoms.chest_xray import write_chest_xray_study
 from tests.browser import chromium_page
 from tests.peers import (
+    PYDICOM_FILES,
     NodeProcess,
     Orthanc,
     ai_results,
@@ -187,3 +188,21 @@ _CANVAS_PAINTED = """(() => {
   }
   return false;
 })()"""
+
+
+def test_peer_strings_are_shown_as_text_not_run(sent: Sent, tmp_path: Path) -> None:
+    """A series description from a peer that is HTML and script stays text on the page."""
+    hostile = "<img src=x onerror=\"window.pwned=1\"><script>window.pwned=2</script>"
+    ds = pydicom.dcmread(PYDICOM_FILES / "MR_small.dcm")
+    ds.SeriesDescription = hostile[:64]
+    path = tmp_path / "hostile.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    storescu(sent.node.port, [path])
+    with chromium_page() as page:
+        page.navigate(f"http://127.0.0.1:{sent.web_port}/#token={TOKEN}")
+        page.wait_for("document.body.dataset.ready === '1'", 30, "the status page")
+        page.evaluate(f"location.hash = 'study={ds.StudyInstanceUID}'")
+        page.wait_for("document.getElementById('timeline') !== null", 30, "the timeline")
+        assert page.evaluate("window.pwned === undefined")
+        assert page.evaluate("document.querySelectorAll('main img, main script').length") == 0
+        assert hostile[:64] in page.evaluate("document.querySelector('main').textContent")
