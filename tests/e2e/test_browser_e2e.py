@@ -206,3 +206,25 @@ def test_peer_strings_are_shown_as_text_not_run(sent: Sent, tmp_path: Path) -> N
         assert page.evaluate("window.pwned === undefined")
         assert page.evaluate("document.querySelectorAll('main img, main script').length") == 0
         assert hostile[:64] in page.evaluate("document.querySelector('main').textContent")
+
+
+def test_rule_tester_explains_a_received_series(sent: Sent) -> None:
+    with chromium_page() as page:
+        page.navigate(f"http://127.0.0.1:{sent.web_port}/#token={TOKEN}")
+        page.wait_for("document.body.dataset.ready === '1'", 30, "the status page")
+        page.evaluate("location.hash = 'routes'")
+        page.wait_for("document.getElementById('tester-series') !== null", 30, "the tester")
+        chosen = page.evaluate("""(() => {
+            const pick = document.getElementById('tester-series');
+            const option = Array.from(pick.options).find(o => o.text.startsWith('DX'));
+            pick.value = option.value;
+            document.getElementById('tester-form').requestSubmit();
+            return option.value; })()""")
+        verdict = page.wait_for(
+            """(() => { const v = document.querySelector(
+                '#tester-result [data-route="pneumonia-cxr"]');
+                return v && [v.textContent, v.closest('tr').textContent]; })()""",
+            30, "the rule tester's verdict")
+    assert chosen
+    assert verdict[0] == "match"
+    assert "BodyPartExamined" in verdict[1] and "ViewPosition" in verdict[1]
