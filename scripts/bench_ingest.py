@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Ingest throughput: the node against dcmtk storescp and Orthanc, in one run.
 
-One CT study (default 1,000 instances of 512x512 int16) is sent with dcmtk storescu
-(TCP_NODELAY=1 in its environment) to each receiver in turn, each started fresh on a
-free loopback port with its own storage: storescp (writes files, no fsync), Orthanc
-(SyncStorageArea on: fsync per instance) and the node (fsync, rename, directory fsync
-and a ledger commit per instance). Prints img/s and MB/s (median of --repeats) and the
+One CT study (default 1,000 instances of 512x512 int16; --size 64 for small, latency-bound
+instances) is sent with dcmtk storescu (TCP_NODELAY=1 in its environment) to each receiver
+in turn, each started fresh on a free loopback port with its own storage: storescp (writes
+files, no fsync), Orthanc (SyncStorageArea on: fsync per instance) and the node (fsync,
+rename, directory fsync, ledger commit to the WAL per instance; see ingest/reconcile.py). Prints img/s and MB/s (median of --repeats) and the
 ratios node/Orthanc and node/storescp.
 
     .venv/bin/python scripts/bench_ingest.py --n 1000 --repeats 3
@@ -42,11 +42,11 @@ from tests.peers import (  # noqa: E402
 )
 
 
-def make_study(out: Path, n: int, seed: int = 0) -> list[Path]:
+def make_study(out: Path, n: int, seed: int = 0, size: int = 512) -> list[Path]:
     rng = np.random.default_rng(seed)
     template = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm")
     study, series = generate_uid(), generate_uid()
-    base = rng.integers(-1000, 1500, size=(512, 512), dtype=np.int16)
+    base = rng.integers(-1000, 1500, size=(size, size), dtype=np.int16)
     paths = []
     for i in range(n):
         ds = template.copy()
@@ -55,7 +55,7 @@ def make_study(out: Path, n: int, seed: int = 0) -> list[Path]:
         ds.SOPInstanceUID = generate_uid()
         ds.InstanceNumber = i + 1
         ds.ImagePositionPatient = [0.0, 0.0, float(i)]
-        ds.Rows, ds.Columns = 512, 512
+        ds.Rows, ds.Columns = size, size
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.PixelData = np.roll(base, i, axis=0).tobytes()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -115,6 +115,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=512,
+                        help="rows and columns of each instance (64: latency-bound, 512: CT)")
     args = parser.parse_args()
     for tool in ("storescu", "storescp", "Orthanc"):
         if shutil.which(tool) is None:
@@ -122,7 +124,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmp:
         root = Path(tmp)
         (root / "study").mkdir()
-        files = make_study(root / "study", args.n)
+        files = make_study(root / "study", args.n, size=args.size)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"study: {len(files)} instances, {mb:.0f} MB; repeats: {args.repeats}")
         runners: dict[str, Callable[[Path, list[Path]], float]] = {
