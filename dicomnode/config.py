@@ -192,6 +192,8 @@ class QuerySettings:
     ``off_peak`` is a daily window ("HH:MM-HH:MM", may wrap midnight, node local time)
     outside which the nightly job moves nothing; ``max_moves_per_minute`` caps C-MOVEs
     per PACS; ``send_to`` receives growth results (default: the query source).
+    ``retrieve`` is how priors come to the node (:data:`RETRIEVE_MODES`): C-MOVE to the
+    node, C-GET on the query association, or C-MOVE with C-GET when the move is refused.
     """
 
     source: str | None = None
@@ -205,6 +207,10 @@ class QuerySettings:
     total_timeout_s: float = 300.0
     send_to: tuple[str, ...] = ()
     reanalyse_images: bool = True
+    retrieve: str = "move-then-get"
+
+
+RETRIEVE_MODES = ("move", "get", "move-then-get")
 
 
 WEB_ROLES = ("viewer", "operator", "clinical")
@@ -422,7 +428,12 @@ def _parse_query(r: _Reader, q: Mapping[str, Any],
                  destinations: Mapping[str, Destination]) -> QuerySettings:
     r.unknown(q, "query", {"source", "lookback_days", "modalities", "body_parts", "nightly",
                            "off_peak", "max_moves_per_minute", "timeout_s", "total_timeout_s",
-                           "send_to", "reanalyse_images"})
+                           "send_to", "reanalyse_images", "retrieve"})
+    retrieve = q.get("retrieve", "move-then-get")
+    if retrieve not in RETRIEVE_MODES:
+        r.problem("query.retrieve", f"expected one of {', '.join(RETRIEVE_MODES)}, "
+                                    f"got {retrieve!r}")
+        retrieve = "move-then-get"
     reanalyse = q.get("reanalyse_images", True)
     if not isinstance(reanalyse, bool):
         r.problem("query.reanalyse_images", f"expected true or false, got {reanalyse!r}")
@@ -466,6 +477,7 @@ def _parse_query(r: _Reader, q: Mapping[str, Any],
         total_timeout_s=total,
         send_to=lists["send_to"],
         reanalyse_images=reanalyse,
+        retrieve=str(retrieve),
     )
 
 

@@ -60,6 +60,10 @@ class Node:
         self.history = HistoryService(settings, self.ledger, self.spool,
                                       on_queued=self._kick_outbox)
         self._stopped = threading.Event()
+        # held by an outbox kick and by stop(): no kick reaches the scheduler once it stops
+        # (its shutdown holds the job-store lock until running jobs end: a history job
+        # kicking then would wait forever)
+        self._kick_lock = threading.Lock()
         self.web = self._build_web() if settings.web.enabled else None
 
     def _build_web(self) -> WebServer:
@@ -102,9 +106,12 @@ class Node:
             log.exception("outbox pump failed")
 
     def _kick_outbox(self) -> None:
-        job = self.scheduler.get_job("outbox")
-        if job is not None:
-            job.modify(next_run_time=datetime.now(UTC))
+        with self._kick_lock:
+            if self._stopped.is_set():
+                return
+            job = self.scheduler.get_job("outbox")
+            if job is not None:
+                job.modify(next_run_time=datetime.now(UTC))
 
     def _job_done(self, job: JobRow, summary: Mapping[str, Any],
                   outputs: Sequence[tuple[str, str, str, str]]) -> None:
@@ -151,7 +158,8 @@ class Node:
         """Graceful: stop accepting, stop scheduling, let jobs finish or re-queue them."""
         if self._stopped.is_set():
             return
-        self._stopped.set()
+        with self._kick_lock:
+            self._stopped.set()
         if self.web is not None:
             self.web.stop()
         self.scp.stop()

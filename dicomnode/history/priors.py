@@ -10,8 +10,16 @@ that actually arrived in the ledger, so a retrieve that stops early is recorded 
 ``incomplete`` instead of silently shortening the history. Every step's outcome is a
 ``retrieve_events`` row in the ledger; nothing here raises for a PACS that misbehaves.
 
-Moves are throttled per PACS (``query.max_moves_per_minute``) and the nightly run stops
-moving when its off-peak window (``query.off_peak``) closes.
+How a series comes is ``query.retrieve``: ``move`` (C-MOVE to the node, which the PACS
+must know as a modality), ``get`` (C-GET: the PACS sends on the node's own association,
+no route back needed) or ``move-then-get`` (the default: C-MOVE, and C-GET for the rest
+of the run once the PACS refuses the move because it does not know or allow the node).
+C-GET sub-operations are answered by the node's own C-STORE handler
+(:meth:`dicomnode.net.scp.StoreSCP.handle_store`): spool, fsync, ledger, then success,
+exactly as for an instance stored by a modality.
+
+Retrieves (C-MOVE or C-GET) are throttled per PACS (``query.max_moves_per_minute``) and
+the nightly run stops moving when its off-peak window (``query.off_peak``) closes.
 
 A relevant prior without a node report has its images moved instead
 (``query.reanalyse_images``, on by default): they arrive like any study, the node's routes
@@ -45,7 +53,8 @@ from dicomnode.history.timeline import (
 )
 from dicomnode.ingest.ledger import Ledger, RetrieveEvent
 from dicomnode.ingest.spool import Spool
-from dicomnode.net.qr import QueryClient, QueryError
+from dicomnode.net.qr import MoveResult, QueryClient, QueryError, StoreHandler
+from dicomnode.net.scp import StoreSCP
 from dicomnode.results.common import SERIES_DESCRIPTION_PREFIX
 
 __all__ = [
@@ -103,8 +112,18 @@ class MoveThrottle:
 
 
 _FATAL_CAUSES = ("does not know the move destination", "could not be reached",
-                 "rejected the association", "refused the query/retrieve service")
-"""QueryError texts (dicomnode.net.qr) whose cause fails every other move as well."""
+                 "rejected the association", "refused the query/retrieve service",
+                 "most likely does not allow", "does not offer C-GET",
+                 "accepted no storage class")
+"""QueryError texts (dicomnode.net.qr) whose cause fails every other retrieve as well."""
+
+_MOVE_REFUSED = ("does not know the move destination", "does not allow C-MOVE")
+"""C-MOVE failures that C-GET gets around (``query.retrieve: move-then-get``)."""
+
+
+def _named(operation: str, exc: QueryError) -> str:
+    text = str(exc)
+    return text if text.startswith(operation) else f"{operation}: {text}"
 
 _throttles: dict[str, MoveThrottle] = {}
 _throttles_lock = threading.Lock()
@@ -204,7 +223,8 @@ class PriorsFetcher:
 
     def __init__(self, settings: Settings, ledger: Ledger, spool: Spool, *,
                  throttle: MoveThrottle | None = None,
-                 now: Callable[[], datetime] = datetime.now) -> None:
+                 now: Callable[[], datetime] = datetime.now,
+                 handle_store: StoreHandler | None = None) -> None:
         self.settings = settings
         self.ledger = ledger
         self.spool = spool
@@ -213,6 +233,14 @@ class PriorsFetcher:
         self.now = now
         self.throttle = throttle or throttle_for(self.source or "",
                                                  self.query.max_moves_per_minute)
+        self._handle_store = handle_store
+        self._move_refused = False  # this run: the PACS refused a C-MOVE, C-GET the rest
+
+    def handle_store(self) -> StoreHandler:
+        """What answers C-GET sub-operations: the node's own durable C-STORE handler."""
+        if self._handle_store is None:
+            self._handle_store = StoreSCP(self.settings, self.spool, self.ledger).handle_store
+        return self._handle_store
 
     def client(self) -> QueryClient:
         if self.source is None:
@@ -278,6 +306,7 @@ class PriorsFetcher:
         newest point of the patient's timeline, else today).
         """
         report = PriorsReport()
+        self._move_refused = False
         if self.source is None:
             return report
         identity = self.identity(patient_key)
@@ -349,7 +378,7 @@ class PriorsFetcher:
     def _retrieve(self, client: QueryClient, patient_key: str, study_uid: str,
                   series: Dataset, deadline: float | None, report: PriorsReport, *,
                   images: bool = False) -> str:
-        """C-MOVE one series to the node unless it is already there, and check the count.
+        """Retrieve one series to the node unless it is already there; check the count.
 
         ``images``: an image series moved for re-analysis (nothing to read here).
         """
@@ -358,6 +387,7 @@ class PriorsFetcher:
         arrived = self._arrived(series_uid)
         completed: int | None = None
         failed: int | None = None
+        via: str | None = None  # None: everything was here already
         what = "images for re-analysis: " if images else ""
         if images and expected is not None and arrived >= expected:
             return "next"  # moved before; its analysis adds the point
@@ -368,23 +398,22 @@ class PriorsFetcher:
                             detail="off-peak window closed while throttled")
                 return "stop"
             try:
-                result = client.move(self.settings.node.ae_title, study_uid=study_uid,
-                                     series_uids=[series_uid])
+                result, via = self._pull(client, study_uid, series_uid)
             except QueryError as exc:
                 arrived = self._arrived(series_uid)
                 fatal = any(cause in str(exc) for cause in _FATAL_CAUSES)
                 if fatal or expected is None or arrived >= expected:
                     self._event(patient_key, "error", study=study_uid, series=series_uid,
-                                expected=expected, arrived=arrived, detail=f"C-MOVE: {exc}")
+                                expected=expected, arrived=arrived, detail=str(exc))
                     report.errors.append(str(exc))
-                    log.error("priors: C-MOVE from %s failed: %s", self.source, exc)
-                    # the same cause (destination unknown, PACS down) fails every other move
+                    log.error("priors: retrieve from %s failed: %s", self.source, exc)
+                    # the same cause (node unknown, PACS down) fails every other retrieve
                     return "stop" if fatal else "next"
                 # a failure after some sub-operations: the retrieve stopped early
                 self._event(patient_key, "incomplete", study=study_uid, series=series_uid,
                             expected=expected, arrived=arrived,
                             detail=f"{what}retrieve stopped early: {arrived} of {expected} "
-                                   f"instance(s) arrived; C-MOVE: {exc}")
+                                   f"instance(s) arrived; {exc}")
                 report.incomplete.append(series_uid)
                 log.warning("priors: retrieve of a prior series stopped early (%s of %s)",
                             arrived, expected)
@@ -399,20 +428,54 @@ class PriorsFetcher:
             self._event(patient_key, "incomplete", study=study_uid, series=series_uid,
                         expected=expected, completed=completed, failed=failed, arrived=arrived,
                         detail=f"{what}retrieve stopped early: {arrived} of {expected} "
-                               f"instance(s) arrived ({completed} completed, {failed} failed)")
+                               f"instance(s) arrived ({via}: {completed} completed, "
+                               f"{failed} failed)")
             report.incomplete.append(series_uid)
             log.warning("priors: retrieve of a prior series stopped early (%s of %s)",
                         arrived, expected)
         else:
+            notes = [what.rstrip(": ")] if what else []
+            if via == "C-GET":
+                notes.append("by C-GET")
             self._event(patient_key, "ok", study=study_uid, series=series_uid,
                         expected=expected, completed=completed, failed=failed, arrived=arrived,
-                        detail=what.rstrip(": ") or None)
+                        detail=", ".join(notes) or None)
             report.retrieved_series.append(series_uid)
         if images:
             report.moved_for_analysis.append(series_uid)
         else:
             report.points_added += self._read_reports(patient_key, series_uid)
         return "next"
+
+    def _pull(self, client: QueryClient, study_uid: str, series_uid: str
+              ) -> tuple[MoveResult, str]:
+        """Retrieve one series the way ``query.retrieve`` says; the result and how it came
+        ("C-MOVE" or "C-GET"). A QueryError's text names the operation(s) that failed."""
+        mode = self.query.retrieve
+        if mode == "get" or self._move_refused:
+            return self._get(client, study_uid, series_uid), "C-GET"
+        try:
+            return client.move(self.settings.node.ae_title, study_uid=study_uid,
+                               series_uids=[series_uid]), "C-MOVE"
+        except QueryError as exc:
+            if mode != "move-then-get" or not any(c in str(exc) for c in _MOVE_REFUSED):
+                raise QueryError(_named("C-MOVE", exc)) from exc
+            refused = exc
+        self._move_refused = True
+        log.warning("priors: %s refused the C-MOVE to the node (%s); retrieving with "
+                    "C-GET instead", self.source, refused)
+        try:
+            return self._get(client, study_uid, series_uid), "C-GET"
+        except QueryError as exc:
+            raise QueryError(f"{_named('C-MOVE', refused)}; C-GET instead: "
+                             f"{_named('C-GET', exc)}") from exc
+
+    def _get(self, client: QueryClient, study_uid: str, series_uid: str) -> MoveResult:
+        try:
+            return client.get(study_uid=study_uid, series_uids=[series_uid],
+                              handle_store=self.handle_store(), spool=self.spool)
+        except QueryError as exc:
+            raise QueryError(_named("C-GET", exc)) from exc
 
     def _monotonic_deadline(self, deadline: float | None) -> float | None:
         if deadline is None:

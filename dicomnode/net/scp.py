@@ -49,7 +49,6 @@ from dicomnode.ingest.ledger import Ledger
 from dicomnode.ingest.parse import DatasetRejected, header_tags, read_instance
 from dicomnode.ingest.reconcile import build_record
 from dicomnode.ingest.spool import InstanceTooLarge, Spool, SpoolFull, SpoolTempFile
-from dicomnode.net import reactor
 from dicomnode.net.limits import Admission, ConnectionLimits, LogThrottle, PendingTicket
 from dicomnode.net.pdu_guard import (
     P_DATA_TF,
@@ -171,7 +170,6 @@ def configure_pynetdicom() -> None:
         cfg.LOG_HANDLER_LEVEL = "none"
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("pynetdicom.dul").addFilter(_quiet_after_guard_abort)
-        reactor.install()  # wake pynetdicom's polling loops on work, not a 1 ms tick
         messages: Any = pynetdicom.dimse_messages
         original = messages.NamedTemporaryFile
 
@@ -749,7 +747,10 @@ class StoreSCP:
     def handle_store(self, event: evt.Event) -> int | Dataset:
         req: Any = event.request
         temp = getattr(req, "_dataset_file", None)
-        calling = str(event.assoc.requestor.ae_title).strip()
+        # the AE that sends: on a C-GET (dicomnode.net.qr) the node requested the
+        # association and the PACS stores on it, so the sender is the acceptor
+        sender = event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor
+        calling = str(sender.ae_title).strip()
         if not isinstance(temp, SpoolTempFile):
             log.error("C-STORE without a spool temp file; refusing")
             return int(Status.PROCESSING_FAILURE)

@@ -19,6 +19,9 @@ class Status(IntEnum):
     COERCION_OF_DATA_ELEMENTS = 0xB000
     ELEMENTS_DISCARDED = 0xB006
     DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
+    # Query/Retrieve (PS3.4 C.4.2.1.5): the C-MOVE destination is not a known AE.
+    # Orthanc answers 0xC000 instead, before any sub-operation (dicomnode.net.qr).
+    MOVE_DESTINATION_UNKNOWN = 0xA801
 
 
 REJECTION_STATUS = {

@@ -6,13 +6,17 @@ tumour_volume job calls (``Node._job_done``); the node then finds and C-MOVEs it
 earlier reports, builds the timeline and sends a growth SR and plot into the newest
 study. The PACS also misbehaves: it forgets the node (move refused), purges a report
 between the C-FIND that counted it and the C-MOVE (the retrieve stops early), and
-answers too slowly (a total timeout).
+answers too slowly (a total timeout). A PACS that never knew the node is served by
+C-GET instead (the move refused, then C-GET; or C-GET only), with the same early-stop
+check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -125,13 +129,14 @@ class VanishingPrior(MoveThrottle):
         return super().acquire(deadline)
 
 
-def _settings(var: Path, port: int, pacs: Orthanc, slow_port: int) -> Settings:
+def _settings(var: Path, port: int, pacs: Orthanc, slow_port: int,
+              **query: Any) -> Settings:
     config = node_config(var, port, destinations={
         "pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port},
         "slowpacs": {"ae_title": "SLOWPACS", "host": "127.0.0.1", "port": slow_port}},
         extra={"query": {"source": "pacs", "lookback_days": 730, "nightly": "02:00",
                          "max_moves_per_minute": 30, "timeout_s": 10,
-                         "total_timeout_s": 60}})
+                         "total_timeout_s": 60, **query}})
     return parse_settings(config)
 
 
@@ -162,15 +167,19 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Patient]:
     return {"A": _patient(out / "a", 31, VOLUMES_A), "B": _patient(out / "b", 32, [3.0, 3.5])}
 
 
-@pytest.fixture
-def node_and_pacs(tmp_path: Path, phantoms: dict[str, Patient]
-                  ) -> Iterator[tuple[Node, Orthanc]]:
+@contextlib.contextmanager
+def _node_with_pacs(tmp_path: Path, phantoms: dict[str, Patient], *, knows_node: bool = True,
+                    allow_get: bool = False, allow_move: bool = True, **query: Any
+                    ) -> Iterator[tuple[Node, Orthanc]]:
+    """Orthanc holding A's and B's earlier studies and reports, and a node in-process
+    that holds their newest studies."""
     port = free_port()
+    modalities = {"dicomnode": ["DICOMNODE", "127.0.0.1", port]} if knows_node else {}
     # queries are answered for any caller, as many sites configure it; the move
     # destination must still be a known modality
-    with orthanc_running(tmp_path / "pacs", modalities={
-            "dicomnode": ["DICOMNODE", "127.0.0.1", port]},
-            extra={"DicomAlwaysAllowFind": True, "DicomAlwaysAllowMove": True}) as pacs:
+    with orthanc_running(tmp_path / "pacs", modalities=modalities, extra={
+            "DicomAlwaysAllowFind": True, "DicomAlwaysAllowMove": allow_move,
+            "DicomAlwaysAllowGet": allow_get}) as pacs:
         a, b = phantoms["A"], phantoms["B"]
         # the PACS holds the earlier studies and the node's earlier reports
         storescu(pacs.dicom_port, [*a.studies[0], *a.studies[1], *a.studies[2], a.reports[1],
@@ -178,7 +187,7 @@ def node_and_pacs(tmp_path: Path, phantoms: dict[str, Patient]
         # B's earlier report series holds two reports
         second = _volume_report(b.studies[0][0], b.volumes[0], b.out, number=2)
         storescu(pacs.dicom_port, [b.reports[0], second], aec=pacs.aet, extra=["-R"])
-        node = Node(_settings(tmp_path / "var", port, pacs, free_port()))
+        node = Node(_settings(tmp_path / "var", port, pacs, free_port(), **query))
         node.start()
         try:
             # the newest studies arrive at the node as from the modality
@@ -186,6 +195,13 @@ def node_and_pacs(tmp_path: Path, phantoms: dict[str, Patient]
             yield node, pacs
         finally:
             node.stop()
+
+
+@pytest.fixture
+def node_and_pacs(tmp_path: Path, phantoms: dict[str, Patient]
+                  ) -> Iterator[tuple[Node, Orthanc]]:
+    with _node_with_pacs(tmp_path, phantoms) as both:
+        yield both
 
 
 def test_priors_timeline_and_growth_results_in_orthanc(
@@ -216,8 +232,8 @@ def test_priors_timeline_and_growth_results_in_orthanc(
         ("ok", n_images, n_images, n_images, "images for re-analysis")]
     # the reports came by C-MOVE into the node, not the images they were measured on;
     # the prior without a report came as images, for the node's routes to analyse
-    for report in a.reports[1:3]:
-        assert node.ledger.has_instance(str(pydicom.dcmread(report).SOPInstanceUID))
+    for prior_report in a.reports[1:3]:
+        assert node.ledger.has_instance(str(pydicom.dcmread(prior_report).SOPInstanceUID))
     assert not node.ledger.has_instance(str(a.header(1).SOPInstanceUID))
     assert all(node.ledger.has_instance(str(pydicom.dcmread(f).SOPInstanceUID))
                for f in a.studies[0])
@@ -283,6 +299,100 @@ def test_a_refused_move_then_a_retrieve_that_stops_early(
     assert [(p.volume_cm3, p.source_kind) for p in points] == [(3.0, "prior-sr"),
                                                                (3.5, "node")]
     assert len(outcome.results) == 2
+
+
+@pytest.mark.parametrize(("allow_move", "refusal"), [
+    (True, "does not know the move destination 'DICOMNODE'"),
+    (False, "does not allow C-MOVE from 'DICOMNODE'")], ids=["status-0xC000", "abort"])
+def test_a_pacs_that_does_not_know_the_node_answers_a_c_get_instead(
+        tmp_path: Path, phantoms: dict[str, Patient], caplog: pytest.LogCaptureFixture,
+        allow_move: bool, refusal: str) -> None:
+    """Orthanc refuses the C-MOVE of a node not in its DicomModalities in one of two ways:
+    0xC000 before any sub-operation (moves allowed from anyone, destination unknown), or an
+    A-ABORT as the first response (the caller unknown). ``move-then-get`` (the default)
+    then fetches by C-GET on the node's own association, through the node's store: spool,
+    ledger, sender = the PACS."""
+    a = phantoms["A"]
+    caplog.set_level(logging.INFO)
+    with _node_with_pacs(tmp_path, phantoms, knows_node=False, allow_get=True,
+                         allow_move=allow_move) as (node, pacs):
+        assert node.settings.query.retrieve == "move-then-get"
+        newest = a.header(3)
+        study = str(newest.StudyInstanceUID)
+        _finish_volume_job(node, a, 3)
+        wait_for(lambda: len(_in_orthanc(pacs, study, SERIES_DESCRIPTION_SR)) == 1, 120,
+                 "the growth SR in Orthanc")
+        patient_key = node.ledger.study_patient_key(study)
+        assert patient_key is not None
+        n_images = len(a.studies[0])
+        events = node.ledger.retrieve_events(patient_key)
+        assert [(e.outcome, e.expected, e.completed, e.arrived, e.detail) for e in events] == [
+            ("ok", 1, 1, 1, "by C-GET"), ("ok", 1, 1, 1, "by C-GET"),
+            ("ok", n_images, n_images, n_images, "images for re-analysis, by C-GET")]
+        assert [(p.volume_cm3, p.source_kind) for p in
+                node.ledger.timeline_points(patient_key)] == [
+            (4.0, "prior-sr"), (6.0, "prior-sr"), (9.0, "node")]
+        for files in (a.reports[1:3], a.studies[0]):
+            for f in files:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+                assert node.ledger.has_instance(str(ds.SOPInstanceUID))
+                series = node.ledger.get_series(str(ds.SeriesInstanceUID))
+                assert series is not None and series.calling_ae == pacs.aet
+        # in the spool under the node's own names, never the peer's UIDs
+        for _, rel in node.ledger.instance_paths([str(a.header(0).SeriesInstanceUID)]):
+            assert str(a.header(0).SeriesInstanceUID) not in rel
+            assert node.spool.path(rel).is_file()
+        refused = [r.getMessage() for r in caplog.records
+                   if "refused the C-MOVE" in r.getMessage()]
+        assert len(refused) == 1 and refusal in refused[0]
+        assert str(newest.PatientID) not in caplog.text
+        assert str(newest.PatientName) not in caplog.text
+
+
+def test_a_c_get_that_stops_early_is_detected(tmp_path: Path,
+                                              phantoms: dict[str, Patient]) -> None:
+    """``retrieve: get``: no C-MOVE at all; a report purged between the C-FIND that counted
+    it and the C-GET leaves the series short, recorded as incomplete."""
+    b = phantoms["B"]
+    with _node_with_pacs(tmp_path, phantoms, knows_node=False, allow_get=True,
+                         retrieve="get") as (node, pacs):
+        second = _volume_report(b.studies[0][0], b.volumes[0], b.out, number=2)
+        node.history.fetcher.throttle = VanishingPrior(
+            pacs, str(pydicom.dcmread(second, stop_before_pixels=True).SOPInstanceUID))
+        study = str(b.header(1).StudyInstanceUID)
+        _finish_volume_job(node, b, 1)
+        patient_key = node.ledger.study_patient_key(study)
+        assert patient_key is not None
+        wait_for(lambda: any(e.outcome == "incomplete"
+                             for e in node.ledger.retrieve_events(patient_key)), 60,
+                 "the short C-GET recorded")
+        short = [e for e in node.ledger.retrieve_events(patient_key)
+                 if e.outcome == "incomplete"]
+        assert [(e.expected, e.completed, e.arrived) for e in short] == [(2, 1, 1)]
+        assert short[0].detail is not None and "stopped early" in short[0].detail
+        assert "C-GET" in short[0].detail
+        wait_for(lambda: [(p.volume_cm3, p.source_kind)
+                          for p in node.ledger.timeline_points(patient_key)] == [
+            (3.0, "prior-sr"), (3.5, "node")], 60, "the prior that did arrive in the timeline")
+        wait_for(lambda: len(_in_orthanc(pacs, study, SERIES_DESCRIPTION_SR)) == 1, 60,
+                 "the growth SR over what did arrive, in Orthanc")
+
+
+def test_a_pacs_that_allows_neither_says_so(tmp_path: Path,
+                                             phantoms: dict[str, Patient]) -> None:
+    """The move is refused and so is the C-GET: one error that names both causes."""
+    b = phantoms["B"]
+    with _node_with_pacs(tmp_path, phantoms, knows_node=False, allow_get=False) as (node, _):
+        study = str(b.header(1).StudyInstanceUID)
+        _finish_volume_job(node, b, 1)
+        patient_key = node.ledger.study_patient_key(study)
+        assert patient_key is not None
+        wait_for(lambda: node.ledger.retrieve_events(patient_key), 60, "the error recorded")
+        (error,) = node.ledger.retrieve_events(patient_key)
+        assert error.outcome == "error" and error.detail is not None
+        assert "does not know the move destination 'DICOMNODE'" in error.detail
+        assert "C-GET instead" in error.detail
+        assert "does not allow C-GET from 'DICOMNODE'" in error.detail
 
 
 def test_a_slow_pacs_hits_the_total_timeout(tmp_path: Path, node_and_pacs: tuple[Node, Orthanc],

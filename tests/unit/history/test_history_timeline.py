@@ -11,7 +11,7 @@ import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from dicomnode.config import ConfigError, load_settings
+from dicomnode.config import ConfigError, load_settings, parse_settings
 from dicomnode.history.timeline import (
     TRACKING_ID,
     VolumeMeasurement,
@@ -138,17 +138,22 @@ def test_query_settings_are_parsed_and_errors_name_file_and_key(tmp_path: Path) 
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({**base, "query": {
         "source": "pacs", "lookback_days": 400, "nightly": "01:30", "off_peak": "22:00-06:00",
-        "max_moves_per_minute": 4}}))
+        "max_moves_per_minute": 4, "retrieve": "get"}}))
     q = load_settings(good).query
     assert (q.source, q.lookback_days, q.nightly, q.off_peak, q.max_moves_per_minute,
-            q.send_to) == ("pacs", 400, "01:30", "22:00-06:00", 4, ("pacs",))
+            q.send_to, q.retrieve) == ("pacs", 400, "01:30", "22:00-06:00", 4, ("pacs",),
+                                       "get")
+    assert parse_settings({**base, "query": {"source": "pacs"}}).query.retrieve == \
+        "move-then-get"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**base, "query": {
         "source": "pacs", "nightly": "25:00", "off_peak": "22:00", "max_moves_per_minute": 0,
-        "lookback_days": "long", "send_to": ["nowhere"], "reanalyse_images": "yes"}}))
+        "lookback_days": "long", "send_to": ["nowhere"], "reanalyse_images": "yes",
+        "retrieve": "fetch"}}))
     with pytest.raises(ConfigError) as info:
         load_settings(bad)
     text = str(info.value)
     for key in ("query.nightly", "query.off_peak", "query.max_moves_per_minute",
-                "query.lookback_days", "query.send_to", "query.reanalyse_images"):
+                "query.lookback_days", "query.send_to", "query.reanalyse_images",
+                "query.retrieve"):
         assert f"{bad}: {key}:" in text
