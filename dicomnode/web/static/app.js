@@ -37,6 +37,10 @@ async function api(path, options) {
   return data;
 }
 
+function num(x) {
+  return typeof x === "number" && !Number.isInteger(x) ? x.toFixed(3) : x;
+}
+
 function table(headers, rows) {
   return el("table", {}, el("tr", {}, headers.map(h => el("th", {}, h))),
             rows.map(r => el("tr", {}, r.map(c => el("td", {}, c)))));
@@ -151,14 +155,16 @@ async function showRoutes() {
 
 async function showModels() {
   const m = await api("/api/models");
-  view(el("h2", {}, "Models"), m.packages.map(p => {
+  const where = el("p", {}, m.packages.length ? "Packages in " : "No model package in ",
+                   el("code", {}, m.models_dir));
+  view(el("h2", {}, "Models"), where, m.packages.map(p => {
     const c = p.card;
     return el("section", { class: "model" }, el("h3", {}, p.package + " " + (c.version || "")),
       el("p", {}, (c.task || "") + " — " + (c.intended_use || c.invalid || "")),
-      table(["Metric", "Value", "CI", "Data"], (c.metrics || []).map(x => [x.name, x.value,
-        x.ci ? "[" + x.ci.join(", ") + "]" : "", x.dataset || ""])),
+      table(["Metric", "Value", "CI", "Data"], (c.metrics || []).map(x => [x.name, num(x.value),
+        x.ci ? "[" + x.ci.map(num).join(", ") + "]" : "", x.dataset || ""])),
       table(["Operating point", "Threshold", "Sensitivity", "Specificity"], (c.operating_points || []).map(o =>
-        [o.name, o.threshold, o.sensitivity, o.specificity])),
+        [o.name, num(o.threshold), num(o.sensitivity), num(o.specificity)])),
       el("p", {}, "sha256 ", el("code", {}, c.sha256 || "")));
   }));
 }
