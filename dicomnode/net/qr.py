@@ -166,7 +166,8 @@ class QueryClient:
                 # PACS's abort, not a silent PACS
                 if waited < 0.9 * self.timeout_s:
                     raise QueryError(
-                        f"{what}: the PACS aborted the association instead of answering; it "
+                        f"{what}: the PACS aborted the association (or sent no valid "
+                        "response) instead of answering; it "
                         f"most likely does not allow {what} from {self.calling_aet!r} (the "
                         "node must be a known modality, or the PACS must allow the service "
                         "for any caller)")
@@ -288,8 +289,8 @@ class QueryClient:
                 raise QueryError("the PACS accepted no storage class with the node as SCP "
                                  "(SCP/SCU role selection), so a C-GET cannot send anything")
             gen = assoc.send_c_get(q, model)
-            # Orthanc logs "Rejected Get request" for a caller it does not know, and
-            # answers nothing
+            # Orthanc aborts a C-GET from a caller it does not know (see _responses);
+            # other PACSs refuse by not answering at all
             refusal = (f"the PACS most likely does not allow C-GET from "
                        f"{self.calling_aet!r} (the node must be a known modality, or the PACS "
                        "must allow C-GET for any caller)")
