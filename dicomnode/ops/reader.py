@@ -1,5 +1,9 @@
 """Read-only questions to the ledger for operations: timelines, queues, timings.
 
+Queries go through the ledger's indexes where it has them (a study's instances through
+its series); per-study jobs and outbox rows and the searches by patient or accession key
+scan their tables, which indexes on those columns would spare at hospital scale.
+
 A connection of its own, opened read-only (``mode=ro``), so nothing here can change
 the ledger or take its write lock; one lock serialises the HTTP threads' use of it.
 Every value from a request reaches SQLite as a bound parameter, never as SQL or a path.
@@ -76,7 +80,8 @@ class LedgerReader:
 
     _STUDY = ("SELECT s.study_uid, s.patient_key, s.state, s.first_received, s.last_received, "
               "s.closed_at, s.close_reason, "
-              "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid), "
+              "(SELECT coalesce(sum(r.instance_count), 0) FROM series r "
+              " WHERE r.study_uid = s.study_uid), "
               "(SELECT count(*) FROM series r WHERE r.study_uid = s.study_uid), "
               "(SELECT group_concat(DISTINCT r.modality) FROM series r "
               " WHERE r.study_uid = s.study_uid) FROM studies s")
@@ -117,8 +122,9 @@ class LedgerReader:
         return out
 
     def first_instance_path(self, study_uid: str) -> str | None:
-        row = self._one("SELECT path FROM instances WHERE study_uid=? ORDER BY received_at "
-                        "LIMIT 1", (study_uid,))
+        row = self._one("SELECT i.path FROM instances i WHERE i.series_uid IN "
+                        "(SELECT series_uid FROM series WHERE study_uid=?) LIMIT 1",
+                        (study_uid,))
         return None if row is None else str(row[0])
 
     def timeline(self, study_uid: str) -> dict[str, Any] | None:
@@ -140,7 +146,8 @@ class LedgerReader:
                 "first_received": r[7], "last_received": r[8], "state": r[9],
                 "generation": r[10], "closed_at": r[11], "close_reason": r[12]})
         sources = sorted({str(a) for (a,) in self._all(
-            "SELECT DISTINCT calling_ae FROM instances WHERE study_uid=?", (study_uid,)) if a})
+            "SELECT DISTINCT i.calling_ae FROM instances i WHERE i.series_uid IN "
+            "(SELECT series_uid FROM series WHERE study_uid=?)", (study_uid,)) if a})
         subjects = [study_uid] + [s["series_uid"] for s in series]
         marks = ",".join("?" * len(subjects))
         decisions = [{"subject_uid": r[0], "level": r[1], "generation": r[2], "route": r[3],

@@ -204,8 +204,11 @@ class StatusApi:
             attrs, calling = found
             needed = {c.keyword for r in self.settings.routes for c in r.conditions}
             if self.header_loader is not None and not (needed - SPECIAL_KEYS) <= attrs.keys():
-                attrs.update({k: v for k, v in self.header_loader(str(series_uid)).items()
-                              if k not in attrs})
+                try:
+                    loaded = self.header_loader(str(series_uid))
+                finally:
+                    self.ledger.close()  # the loader's connection on this HTTP thread
+                attrs.update({k: v for k, v in loaded.items() if k not in attrs})
             attrs.setdefault("calling_ae_title", calling)
             source = "series"
         elif "tags" in body:
