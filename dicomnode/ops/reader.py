@@ -96,30 +96,34 @@ class LedgerReader:
     def studies(self, *, limit: int = 50, patient_key: str | None = None,
                 accession_key: str | None = None, study_uid: str | None = None
                 ) -> list[dict[str, Any]]:
+        """Newest first. The page of study UIDs is chosen before anything is counted, so
+        the per-study figures are computed for that page only."""
         where: list[str] = []
         args: list[Any] = []
-        for column, value in (("s.patient_key", patient_key),
-                              ("s.accession_key", accession_key), ("s.study_uid", study_uid)):
+        for column, value in (("patient_key", patient_key), ("accession_key", accession_key),
+                              ("study_uid", study_uid)):
             if value is not None:
                 where.append(f"{column}=?")
                 args.append(value)
-        sql = self._STUDY + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY s.last_received DESC LIMIT ?"
+        sql = "SELECT study_uid FROM studies" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY last_received DESC LIMIT ?"
         args.append(max(1, min(limit, 500)))
-        studies = [self._study_row(r) for r in self._all(sql, args)]
+        uids = [str(r[0]) for r in self._all(sql, args)]
+        if not uids:
+            return []
+        marks = ",".join("?" * len(uids))
+        studies = sorted((self._study_row(r) for r in self._all(
+            self._STUDY + f" WHERE s.study_uid IN ({marks})", uids)),
+            key=lambda st: -float(st["last_received"]))
+        outcomes: dict[str, dict[str, int]] = {uid: {} for uid in uids}
+        for table, prefix in (("jobs", "jobs"), ("outbox", "results")):
+            for uid, state, n in self._all(f"SELECT study_uid, state, count(*) FROM {table} "
+                                           f"WHERE study_uid IN ({marks}) "
+                                           "GROUP BY study_uid, state", uids):
+                outcomes[str(uid)][f"{prefix}_{state}"] = int(n)
         for study in studies:
-            study["outcome"] = self._study_outcome(study["study_uid"])
+            study["outcome"] = outcomes[study["study_uid"]]
         return studies
-
-    def _study_outcome(self, study_uid: str) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for state, n in self._all("SELECT state, count(*) FROM jobs WHERE study_uid=? "
-                                  "GROUP BY state", (study_uid,)):
-            out[f"jobs_{state}"] = int(n)
-        for state, n in self._all("SELECT state, count(*) FROM outbox WHERE study_uid=? "
-                                  "GROUP BY state", (study_uid,)):
-            out[f"results_{state}"] = int(n)
-        return out
 
     def first_instance_path(self, study_uid: str) -> str | None:
         row = self._one("SELECT i.path FROM instances i WHERE i.series_uid IN "
