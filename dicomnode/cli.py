@@ -115,7 +115,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dicomnode.service import LEDGER_NAME, open_ledger
 
     settings = _settings(args)
-    if not (settings.spool_dir / LEDGER_NAME).exists():
+    if settings.ledger.url is None and not (settings.spool_dir / LEDGER_NAME).exists():
         raise CliError(f"no ledger at {settings.spool_dir / LEDGER_NAME}: has the node run?")
     ledger = open_ledger(settings, readonly=True)
     counts = ledger.counts()

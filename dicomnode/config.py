@@ -40,6 +40,9 @@ class NodeSettings:
     host: str = "0.0.0.0"
     port: int = 11112
     storage: Path = Path("./var")
+    # where received and result objects live (objects/, results/, tmp/); default: storage.
+    # A shared filesystem here lets any worker read what any receiver stored.
+    spool: Path | None = None
     max_pdu_size: int = 262144
     max_associations: int = 16
     network_timeout_s: float = 60.0
@@ -166,11 +169,28 @@ class Route:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+JOB_ENGINES = ("in-process", "celery")
+
+
 @dataclass(frozen=True)
 class JobSettings:
+    """``engine: in-process`` (default) runs jobs on threads of ``serve``; ``celery``
+    hands each job to a Celery ``broker`` (redis:// or amqp://) for ``dicomnode worker``
+    processes, on this machine or others, sharing the ledger and the spool."""
+
     workers: int = 1
     timeout_s: float = 600.0
     max_attempts: int = 3
+    engine: str = "in-process"
+    broker: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class LedgerSettings:
+    """``url`` unset: the embedded SQLite ledger in the storage folder; a SQLAlchemy URL
+    (``postgresql+psycopg://user@host/db``) for a ledger several machines share."""
+
+    url: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -260,10 +280,16 @@ class Settings:
     pipelines: Mapping[str, str] = field(default_factory=dict)
     query: QuerySettings = field(default_factory=QuerySettings)
     web: WebSettings = field(default_factory=WebSettings)
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)
 
     @property
     def spool_dir(self) -> Path:
         return self.node.storage
+
+    @property
+    def spool_root(self) -> Path:
+        """Where the spool's objects live: ``node.spool``, else the storage folder."""
+        return self.node.spool or self.node.storage
 
 
 class _Reader:
@@ -556,7 +582,8 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
     r = _Reader(str(source) if source else "<config>")
     top = r.mapping(data, "(top level)")
     r.unknown(top, "", {"node", "security", "completion", "destinations", "routes", "query",
-                        "models", "jobs", "outbox", "logging", "pipelines", "web"})
+                        "models", "jobs", "outbox", "logging", "pipelines", "web",
+                        "ledger"})
 
     plugins: dict[str, str] = {}
     for plugin, target in r.mapping(top.get("pipelines"), "pipelines").items():
@@ -567,7 +594,7 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
         plugins[str(plugin)] = target
 
     n = r.mapping(top.get("node"), "node")
-    r.unknown(n, "node", {"ae_title", "host", "port", "storage", "max_pdu_size",
+    r.unknown(n, "node", {"ae_title", "host", "port", "storage", "spool", "max_pdu_size",
                           "max_associations", "network_timeout_s", "max_instance_bytes",
                           "associate_timeout_s", "pdu_timeout_s", "max_pending_connections",
                           "max_pending_per_address"})
@@ -576,6 +603,7 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
         host=r.string(n, "node", "host", "0.0.0.0"),
         port=r.port(n.get("port", 11112), "node.port"),
         storage=Path(r.string(n, "node", "storage", "./var")),
+        spool=Path(r.string(n, "node", "spool", "")) if n.get("spool") else None,
         max_pdu_size=r.number(n, "node", "max_pdu_size", 262144, minimum=4096, integer=True),
         max_associations=r.number(n, "node", "max_associations", 16, minimum=1, integer=True),
         network_timeout_s=float(r.number(n, "node", "network_timeout_s", 60.0, minimum=1)),
@@ -706,12 +734,28 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
     models_dir = Path(r.string(m, "models", "dir", "./models"))
 
     j = r.mapping(top.get("jobs"), "jobs")
-    r.unknown(j, "jobs", {"workers", "timeout_s", "max_attempts"})
+    r.unknown(j, "jobs", {"workers", "timeout_s", "max_attempts", "engine", "broker"})
+    engine = r.string(j, "jobs", "engine", "in-process")
+    if engine not in JOB_ENGINES:
+        r.problem("jobs.engine", f"must be one of {', '.join(JOB_ENGINES)}, got {engine!r}")
+    broker = r.string(j, "jobs", "broker", "") or None if "broker" in j else None
+    if engine == "celery" and broker is None:
+        r.problem("jobs.broker", "engine celery needs a broker URL (redis://host:port/0 "
+                  "or amqp://host)")
+    elif broker is not None and not re.match(r"^(redis|rediss|amqp|amqps)://", broker):
+        r.problem("jobs.broker", "expected a redis://, rediss://, amqp:// or amqps:// URL")
     jobs = JobSettings(
         workers=r.number(j, "jobs", "workers", 1, minimum=1, integer=True),
         timeout_s=float(r.number(j, "jobs", "timeout_s", 600.0, minimum=1)),
         max_attempts=r.number(j, "jobs", "max_attempts", 3, minimum=1, integer=True),
+        engine=engine, broker=broker,
     )
+
+    ld = r.mapping(top.get("ledger"), "ledger")
+    r.unknown(ld, "ledger", {"url"})
+    ledger_url = r.string(ld, "ledger", "url", "") or None if "url" in ld else None
+    if ledger_url is not None:
+        ledger_url = _ledger_url(r, ledger_url)
 
     o = r.mapping(top.get("outbox"), "outbox")
     r.unknown(o, "outbox", {"max_attempts", "backoff_initial_s", "backoff_max_s", "interval_s",
@@ -736,4 +780,28 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
     if r.problems:
         raise ConfigError(r.problems)
     return Settings(node, security, completion, destinations, tuple(routes), jobs, outbox,
-                    query_source, models_dir, level, source, plugins, query, web)
+                    query_source, models_dir, level, source, plugins, query, web,
+                    LedgerSettings(ledger_url))
+
+
+def _ledger_url(r: _Reader, url: str) -> str | None:
+    """A SQLAlchemy URL naming SQLite or PostgreSQL (the problem never repeats a password)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        r.problem("ledger.url", "not a database URL (expected e.g. "
+                  "postgresql+psycopg://user@host:5432/dicomnode)")
+        return None
+    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    if backend == "sqlite" and parsed.database:
+        return url
+    if backend == "postgresql" and driver == "psycopg" and parsed.database:
+        return url
+    r.problem("ledger.url", f"expected postgresql+psycopg://user@host:port/database or "
+              f"sqlite:///path, got a {backend}+{driver} URL"
+              + ("" if parsed.database else " without a database name"))
+    return None
+

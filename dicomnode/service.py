@@ -39,7 +39,8 @@ LEDGER_NAME = "ledger.sqlite3"
 
 def open_ledger(settings: Settings, clock: Callable[[], float] = time.time,
                 readonly: bool = False) -> Ledger:
-    return Ledger(settings.spool_dir / LEDGER_NAME, clock=clock, readonly=readonly)
+    return Ledger(settings.spool_dir / LEDGER_NAME, clock=clock, readonly=readonly,
+                  url=settings.ledger.url)
 
 
 class Node:

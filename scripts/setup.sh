@@ -2,7 +2,9 @@
 # Sets up dicomnode in .venv at the repository root.
 #   scripts/setup.sh           the node and its serving dependencies, plus the DICOM tools it
 #                              uses at run time (dcmtk, dicom3tools) and Orthanc for the demo
-#   scripts/setup.sh --test    also the test and lint tools and the training extra (torch)
+#   scripts/setup.sh --test    also the test and lint tools, the training extra (torch), and
+#                              the scale-out extra with the servers its tests start
+#                              (PostgreSQL, Redis: Debian's, never started as services)
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +12,7 @@ cd "$(dirname "$0")/.."
 extras=""
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="[test,train]" ;;
+    --test) extras="[test,train,scale]" ;;
     --gpu) extras="[gpu]" ;;
     *) echo "usage: scripts/setup.sh [--test|--gpu]" >&2; exit 2 ;;
   esac
@@ -20,11 +22,14 @@ need_apt=()
 command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
-if [ "$extras" = "[test,train]" ]; then
+if [ "$extras" = "[test,train,scale]" ]; then
   command -v strace >/dev/null 2>&1 || need_apt+=(strace)  # the write-order test
   # the browser tests: headless Chromium, and Orthanc's web viewer plugin
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
   [ -e /usr/share/orthanc/plugins/libOrthancWebViewer.so ] || need_apt+=(orthanc-webviewer)
+  # the scale-out tests start their own PostgreSQL and Redis on loopback ports
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
+  command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -33,6 +38,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
     # Debian starts an Orthanc service on install; the tests and demo start their own.
     (service orthanc stop || systemctl stop orthanc || true) >/dev/null 2>&1
+    # likewise PostgreSQL's and Redis's own services
+    for svc in postgresql redis-server; do
+      (service "$svc" stop || systemctl stop "$svc" || true) >/dev/null 2>&1
+    done
   else
     echo "setup: missing ${need_apt[*]} (Debian packages); install them as root" >&2
   fi

@@ -5,3 +5,5 @@ from __future__ import annotations
 import warnings
 
 warnings.filterwarnings("ignore", message=".*Invalid value for VR.*")
+
+from tests.servers import ledger_url, pg_server  # noqa: E402, F401  (fixtures)

@@ -1,4 +1,5 @@
-"""The ledger: every durable fact the node knows, in one SQLite database (WAL).
+"""The ledger: every durable fact the node knows, in one database: SQLite (WAL) embedded
+by default, PostgreSQL when several machines share the work (``ledger: {url: ...}``).
 
 State machine::
 
@@ -27,148 +28,191 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Dialect, Engine, make_url
+from sqlalchemy.pool import NullPool
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 SCHEMA_VERSION = 2
 
-# Each step takes a ledger from version N-1 to N; a ledger written by an older node
-# gains the new tables on open, its existing rows untouched.
-_MIGRATIONS: dict[int, str] = {
-    2: """
-CREATE TABLE IF NOT EXISTS timeline_points (
-    id INTEGER PRIMARY KEY,
-    patient_key TEXT NOT NULL,
-    tracking_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    study_date TEXT NOT NULL,
-    volume_cm3 REAL NOT NULL,
-    source_sop_uid TEXT NOT NULL,
-    source_kind TEXT NOT NULL CHECK (source_kind IN ('node', 'prior-sr')),
-    source_path TEXT,
-    recorded_at REAL NOT NULL,
-    UNIQUE(patient_key, tracking_uid, study_uid)
-);
-CREATE INDEX IF NOT EXISTS timeline_patient ON timeline_points(patient_key, study_date);
-CREATE TABLE IF NOT EXISTS retrieve_events (
-    id INTEGER PRIMARY KEY,
-    patient_key TEXT NOT NULL,
-    source TEXT NOT NULL,
-    study_uid TEXT,
-    series_uid TEXT,
-    outcome TEXT NOT NULL,
-    expected INTEGER,
-    completed INTEGER,
-    failed INTEGER,
-    arrived INTEGER,
-    detail TEXT,
-    at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS retrieve_patient ON retrieve_events(patient_key, id);
-""",
-}
+# The schema, as SQLAlchemy Core tables: one definition that compiles to SQLite's and
+# PostgreSQL's DDL (an INTEGER PRIMARY KEY becomes SERIAL there, Float DOUBLE PRECISION).
+# Version 2 added timeline_points and retrieve_events; an older ledger gains the tables
+# it lacks on open (CREATE ... IF NOT EXISTS), its existing rows untouched.
+_META = MetaData()
+_TEXT, _INT, _REAL = Text(), Integer(), Float()
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
-    patient_key TEXT NOT NULL,
-    accession_key TEXT,
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT 'open',
-    generation INTEGER NOT NULL DEFAULT 0,
-    closed_at REAL,
-    close_reason TEXT
-);
-CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
-    patient_key TEXT NOT NULL,
-    modality TEXT,
-    calling_ae TEXT,
-    attrs TEXT NOT NULL,
-    instance_count INTEGER NOT NULL DEFAULT 0,
-    expected_count INTEGER,
-    expected_by TEXT,
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT 'open',
-    generation INTEGER NOT NULL DEFAULT 0,
-    closed_at REAL,
-    close_reason TEXT
-);
-CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
-CREATE INDEX IF NOT EXISTS series_state ON series(state, last_received);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    sop_class_uid TEXT NOT NULL,
-    series_uid TEXT NOT NULL REFERENCES series(series_uid),
-    study_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    transfer_syntax TEXT NOT NULL,
-    calling_ae TEXT,
-    received_at REAL NOT NULL,
-    version INTEGER NOT NULL DEFAULT 1
-);
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
-CREATE TABLE IF NOT EXISTS instance_versions (
-    id INTEGER PRIMARY KEY,
-    sop_instance_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    superseded_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS route_decisions (
-    id INTEGER PRIMARY KEY,
-    subject_uid TEXT NOT NULL,
-    level TEXT NOT NULL,
-    generation INTEGER NOT NULL,
-    route TEXT,
-    matched INTEGER NOT NULL,
-    reasons TEXT NOT NULL,
-    decided_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS route_subject ON route_decisions(subject_uid);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    route TEXT NOT NULL,
-    pipeline TEXT NOT NULL,
-    level TEXT NOT NULL,
-    subject_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    series_uids TEXT NOT NULL,
-    generation INTEGER NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    error TEXT,
-    summary TEXT,
-    UNIQUE(route, subject_uid, generation)
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY,
-    job_id INTEGER REFERENCES jobs(id),
-    destination TEXT NOT NULL,
-    sop_instance_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_status INTEGER,
-    last_error TEXT,
-    created_at REAL NOT NULL,
-    sent_at REAL,
-    UNIQUE(destination, sop_instance_uid)
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
-"""
+Table("meta", _META, Column("key", _TEXT, primary_key=True),
+      Column("value", _TEXT, nullable=False))
+Table("studies", _META,
+      Column("study_uid", _TEXT, primary_key=True),
+      Column("patient_key", _TEXT, nullable=False),
+      Column("accession_key", _TEXT),
+      Column("first_received", _REAL, nullable=False),
+      Column("last_received", _REAL, nullable=False),
+      Column("state", _TEXT, nullable=False, server_default="open"),
+      Column("generation", _INT, nullable=False, server_default="0"),
+      Column("closed_at", _REAL),
+      Column("close_reason", _TEXT))
+Table("series", _META,
+      Column("series_uid", _TEXT, primary_key=True),
+      Column("study_uid", _TEXT, ForeignKey("studies.study_uid"), nullable=False),
+      Column("patient_key", _TEXT, nullable=False),
+      Column("modality", _TEXT),
+      Column("calling_ae", _TEXT),
+      Column("attrs", _TEXT, nullable=False),
+      Column("instance_count", _INT, nullable=False, server_default="0"),
+      Column("expected_count", _INT),
+      Column("expected_by", _TEXT),
+      Column("first_received", _REAL, nullable=False),
+      Column("last_received", _REAL, nullable=False),
+      Column("state", _TEXT, nullable=False, server_default="open"),
+      Column("generation", _INT, nullable=False, server_default="0"),
+      Column("closed_at", _REAL),
+      Column("close_reason", _TEXT),
+      Index("series_study", "study_uid"),
+      Index("series_state", "state", "last_received"))
+Table("instances", _META,
+      Column("sop_instance_uid", _TEXT, primary_key=True),
+      Column("sop_class_uid", _TEXT, nullable=False),
+      Column("series_uid", _TEXT, ForeignKey("series.series_uid"), nullable=False),
+      Column("study_uid", _TEXT, nullable=False),
+      Column("path", _TEXT, nullable=False),
+      Column("sha256", _TEXT, nullable=False),
+      Column("size", _INT, nullable=False),
+      Column("transfer_syntax", _TEXT, nullable=False),
+      Column("calling_ae", _TEXT),
+      Column("received_at", _REAL, nullable=False),
+      Column("version", _INT, nullable=False, server_default="1"),
+      Index("instances_series", "series_uid"))
+Table("instance_versions", _META,
+      Column("id", _INT, primary_key=True),
+      Column("sop_instance_uid", _TEXT, nullable=False),
+      Column("path", _TEXT, nullable=False),
+      Column("sha256", _TEXT, nullable=False),
+      Column("superseded_at", _REAL, nullable=False))
+Table("route_decisions", _META,
+      Column("id", _INT, primary_key=True),
+      Column("subject_uid", _TEXT, nullable=False),
+      Column("level", _TEXT, nullable=False),
+      Column("generation", _INT, nullable=False),
+      Column("route", _TEXT),
+      Column("matched", _INT, nullable=False),
+      Column("reasons", _TEXT, nullable=False),
+      Column("decided_at", _REAL, nullable=False),
+      Index("route_subject", "subject_uid"))
+Table("jobs", _META,
+      Column("id", _INT, primary_key=True),
+      Column("route", _TEXT, nullable=False),
+      Column("pipeline", _TEXT, nullable=False),
+      Column("level", _TEXT, nullable=False),
+      Column("subject_uid", _TEXT, nullable=False),
+      Column("study_uid", _TEXT, nullable=False),
+      Column("series_uids", _TEXT, nullable=False),
+      Column("generation", _INT, nullable=False),
+      Column("state", _TEXT, nullable=False, server_default="pending"),
+      Column("attempts", _INT, nullable=False, server_default="0"),
+      Column("created_at", _REAL, nullable=False),
+      Column("started_at", _REAL),
+      Column("finished_at", _REAL),
+      Column("error", _TEXT),
+      Column("summary", _TEXT),
+      UniqueConstraint("route", "subject_uid", "generation"),
+      Index("jobs_state", "state", "id"))
+Table("outbox", _META,
+      Column("id", _INT, primary_key=True),
+      Column("job_id", _INT, ForeignKey("jobs.id")),
+      Column("destination", _TEXT, nullable=False),
+      Column("sop_instance_uid", _TEXT, nullable=False),
+      Column("sop_class_uid", _TEXT, nullable=False),
+      Column("study_uid", _TEXT, nullable=False),
+      Column("path", _TEXT, nullable=False),
+      Column("state", _TEXT, nullable=False, server_default="pending"),
+      Column("attempts", _INT, nullable=False, server_default="0"),
+      Column("next_attempt_at", _REAL, nullable=False),
+      Column("last_status", _INT),
+      Column("last_error", _TEXT),
+      Column("created_at", _REAL, nullable=False),
+      Column("sent_at", _REAL),
+      UniqueConstraint("destination", "sop_instance_uid"),
+      Index("outbox_due", "state", "next_attempt_at"))
+Table("timeline_points", _META,
+      Column("id", _INT, primary_key=True),
+      Column("patient_key", _TEXT, nullable=False),
+      Column("tracking_uid", _TEXT, nullable=False),
+      Column("study_uid", _TEXT, nullable=False),
+      Column("study_date", _TEXT, nullable=False),
+      Column("volume_cm3", _REAL, nullable=False),
+      Column("source_sop_uid", _TEXT, nullable=False),
+      Column("source_kind", _TEXT, nullable=False),
+      Column("source_path", _TEXT),
+      Column("recorded_at", _REAL, nullable=False),
+      UniqueConstraint("patient_key", "tracking_uid", "study_uid"),
+      CheckConstraint("source_kind IN ('node', 'prior-sr')"),
+      Index("timeline_patient", "patient_key", "study_date"))
+Table("retrieve_events", _META,
+      Column("id", _INT, primary_key=True),
+      Column("patient_key", _TEXT, nullable=False),
+      Column("source", _TEXT, nullable=False),
+      Column("study_uid", _TEXT),
+      Column("series_uid", _TEXT),
+      Column("outcome", _TEXT, nullable=False),
+      Column("expected", _INT),
+      Column("completed", _INT),
+      Column("failed", _INT),
+      Column("arrived", _INT),
+      Column("detail", _TEXT),
+      Column("at", _REAL, nullable=False),
+      Index("retrieve_patient", "patient_key", "id"))
+
+# Statements that change existing tables, by the schema version that needs them, in the
+# portable SQL of ``Ledger._sql``; new tables and indexes come from ``_META``.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {2: ()}
+
+# Every write transaction on PostgreSQL first takes this transaction-scoped advisory lock:
+# writers from every process and machine are serialised as SQLite's BEGIN IMMEDIATE
+# serialises them, so each transition reads and writes one consistent state.
+_PG_WRITE_LOCK = 0x44434D4E  # "DCMN"
+
+
+def _ddl(dialect: Dialect) -> list[str]:
+    out: list[str] = []
+    for table in _META.sorted_tables:
+        out.append(str(CreateTable(table, if_not_exists=True).compile(dialect=dialect)))
+        out.extend(str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect))
+                   for index in sorted(table.indexes, key=lambda i: str(i.name)))
+    return out
+
+
+def _operational_errors() -> tuple[type[Exception], ...]:
+    errors: list[type[Exception]] = [sqlite3.OperationalError]
+    try:
+        import psycopg
+    except ImportError:
+        pass
+    else:
+        errors.append(psycopg.OperationalError)
+    return tuple(errors)
+
+
+# What a ledger write raises when the database cannot take it (disk full, database gone,
+# locked past the timeout): the receiver refuses the instance instead of answering success.
+LEDGER_UNAVAILABLE: tuple[type[Exception], ...] = _operational_errors()
 
 
 @dataclass(frozen=True)
@@ -292,6 +336,32 @@ class RetrieveEvent:
     detail: str | None = None
 
 
+class _Cursor(Protocol):
+    """What the ledger uses of a DB-API cursor (sqlite3's and psycopg's alike)."""
+
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class _Tx:
+    """The statements of one write transaction (see ``Ledger._write``)."""
+
+    __slots__ = ("_conn", "_sql")
+
+    def __init__(self, conn: Any, sql: Callable[[str], str]) -> None:
+        self._conn = conn
+        self._sql = sql
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> _Cursor:
+        cursor: _Cursor = self._conn.execute(self._sql(sql), args)
+        return cursor
+
+
 @dataclass(frozen=True)
 class NewJob:
     route: str
@@ -303,87 +373,169 @@ class NewJob:
 
 
 class Ledger:
-    """Thread-safe access to the ledger database; one connection per thread."""
+    """Thread-safe access to the ledger database; one connection per thread.
+
+    SQLAlchemy Core gives the engine (URL, driver, pool) and the schema, compiled to each
+    database's DDL. Statements are written once in the SQL both databases speak (``?``
+    parameters, ``ON CONFLICT``, ``CASE``), translated once per dialect, and run on the
+    pooled driver connection: ingest commits one short transaction per instance, and
+    SQLAlchemy's per-statement execution overhead would cost more than the commit.
+    """
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, url: str | None = None) -> None:
         """Open (and create) the ledger; ``readonly`` for reporting while a node runs,
-        which must work even when the disk is full."""
+        which must work even when the disk is full. ``url`` (a SQLAlchemy URL such as
+        ``postgresql+psycopg://node@db/dicomnode``) selects a server database instead
+        of the SQLite file at ``path``."""
         self.path = path
         self.clock = clock
         self.readonly = readonly
         self._local = threading.local()
         self._write_lock = threading.Lock()
+        self._sql_cache: dict[str, str] = {}
+        self.url = url
+        self._engine = self._make_engine(path, url, readonly)
+        self.dialect = self._engine.dialect.name
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise ValueError(f"ledger: unsupported database {self.dialect!r} "
+                             "(sqlite or postgresql)")
         if readonly:
-            self._salt = str(self._conn().execute(
-                "SELECT value FROM meta WHERE key='salt'").fetchone()[0])
+            self._salt = self._read_salt()
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._conn()
-        conn.executescript(_SCHEMA)
-        with self._write():
-            row = conn.execute("SELECT value FROM meta WHERE key='salt'").fetchone()
+        if url is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with self._write() as c:
+            for statement in _ddl(self._engine.dialect):
+                c.execute(statement)
+            row = c.execute("SELECT value FROM meta WHERE key='salt'").fetchone()
             if row is None:
-                conn.execute("INSERT INTO meta VALUES ('salt', ?)", (secrets.token_hex(16),))
-                conn.execute("INSERT INTO meta VALUES ('schema', '1')")
-        self._migrate(conn)
-        self._salt = str(conn.execute("SELECT value FROM meta WHERE key='salt'").fetchone()[0])
+                c.execute("INSERT INTO meta VALUES ('salt', ?)", (secrets.token_hex(16),))
+                c.execute("INSERT INTO meta VALUES ('schema', '1')")
+        self._migrate()
+        self._salt = self._read_salt()
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        with self._write():
-            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+    @staticmethod
+    def _make_engine(path: Path, url: str | None, readonly: bool) -> Engine:
+        if url is None or make_url(url).get_backend_name() == "sqlite":
+            if url is not None:
+                path = Path(make_url(url).database or path)
+            target = f"{path.resolve().as_uri()}?mode=ro" if readonly else str(path)
+
+            def connect() -> sqlite3.Connection:
+                return sqlite3.connect(target, uri=readonly, timeout=30.0,
+                                       isolation_level=None, check_same_thread=False)
+
+            # one connection per thread, opened by that thread and closed by ``close``
+            return create_engine("sqlite://", creator=connect, poolclass=NullPool)
+        engine = create_engine(url, pool_size=4, max_overflow=60, pool_timeout=30,
+                               pool_pre_ping=True)
+
+        @event.listens_for(engine, "connect")
+        def autocommit(dbapi_conn: Any, _record: Any) -> None:
+            # transactions are begun and ended explicitly by ``_write``, as on SQLite
+            dbapi_conn.autocommit = True
+            if readonly:
+                dbapi_conn.execute("SET default_transaction_read_only = on")
+
+        return engine
+
+    def _read_salt(self) -> str:
+        return str(self._execute("SELECT value FROM meta WHERE key='salt'").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self._write() as c:
+            row = c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             version = int(row[0]) if row is not None else 1
             for target in sorted(v for v in _MIGRATIONS if v > version):
-                for statement in _MIGRATIONS[target].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in _MIGRATIONS[target]:
+                    c.execute(statement)
                 version = target
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(version),))
+            c.execute("INSERT INTO meta VALUES ('schema', ?) ON CONFLICT (key) "
+                      "DO UPDATE SET value=excluded.value", (str(version),))
 
     @property
     def schema_version(self) -> int:
-        row = self._conn().execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        row = self._execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         return int(row[0]) if row is not None else 1
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None and self.readonly:
-            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                   timeout=30.0, isolation_level=None, check_same_thread=False)
-            self._local.conn = conn
+    def _sql(self, sql: str) -> str:
+        """``sql`` in this database's parameter style (``?`` for SQLite, ``%s`` for
+        psycopg), translated once."""
+        out = self._sql_cache.get(sql)
+        if out is None:
+            out = sql if self.dialect == "sqlite" else sql.replace("%", "%%").replace("?", "%s")
+            self._sql_cache[sql] = out
+        return out
+
+    def _execute(self, sql: str, args: Sequence[Any] = ()) -> _Cursor:
+        """One statement outside a write transaction (autocommit: reads see every
+        committed write)."""
+        cursor: _Cursor = self._conn().execute(self._sql(sql), args)
+        return cursor
+
+    def _conn(self) -> Any:
+        """This thread's driver connection (sqlite3 or psycopg), opened on first use."""
+        conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
+            proxy = self._engine.raw_connection()
+            conn = proxy.driver_connection
+            assert conn is not None
+            if self.dialect == "sqlite" and not self.readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                self._local.sync = "FULL"
+            self._local.proxy = proxy
             self._local.conn = conn
-            self._local.sync = "FULL"
         return conn
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        """Close this thread's connection (the next use opens a new one)."""
+        proxy = getattr(self._local, "proxy", None)
+        self._local.conn = None
+        self._local.proxy = None
+        if proxy is not None:
+            proxy.close()
+
+    def dispose(self) -> None:
+        """Close this thread's connection and the engine's pool (at shutdown)."""
+        self.close()
+        self._engine.dispose()
 
     @contextmanager
-    def _write(self, sync: str = "FULL") -> Iterator[sqlite3.Connection]:
+    def _write(self, sync: str = "FULL") -> Iterator[_Tx]:
         """One write transaction. ``sync="FULL"`` (every state transition) fsyncs the WAL
         at commit, which also makes every earlier commit durable; ``"NORMAL"`` (only
-        ``record_instance``) commits to the WAL without an fsync: see ``record_instance``."""
+        ``record_instance``) commits to the WAL without an fsync: see ``record_instance``.
+        On PostgreSQL ``NORMAL`` is ``synchronous_commit = off`` for that transaction,
+        and every write transaction first takes the ledger's advisory lock."""
         conn = self._conn()
-        if getattr(self._local, "sync", "FULL") != sync:
+        sqlite = self.dialect == "sqlite"
+        if sqlite and getattr(self._local, "sync", "FULL") != sync:
             conn.execute(f"PRAGMA synchronous={'NORMAL' if sync == 'NORMAL' else 'FULL'}")
             self._local.sync = sync
         with self._write_lock:
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
+                if sqlite:
+                    conn.execute("BEGIN IMMEDIATE")
+                else:
+                    conn.execute("BEGIN")
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_WRITE_LOCK,))
+                    if sync == "NORMAL":
+                        conn.execute("SET LOCAL synchronous_commit TO off")
+                yield _Tx(conn, self._sql)
             except BaseException:
-                conn.execute("ROLLBACK")
+                self._rollback(conn)
                 raise
             conn.execute("COMMIT")
+
+    def _rollback(self, conn: Any) -> None:
+        try:
+            conn.execute("ROLLBACK")
+        except LEDGER_UNAVAILABLE:
+            # the connection itself failed: drop it so the next use reconnects
+            self.close()
 
     # -- identifiers -------------------------------------------------------------------
 
@@ -397,13 +549,14 @@ class Ledger:
     def sync(self) -> None:
         """Make every commit so far durable (one fsync of the WAL)."""
         with self._write() as c:
-            c.execute("INSERT OR REPLACE INTO meta VALUES ('synced_at', ?)", (str(self.clock()),))
+            c.execute("INSERT INTO meta VALUES ('synced_at', ?) ON CONFLICT (key) "
+                      "DO UPDATE SET value=excluded.value", (str(self.clock()),))
 
     def known_sha256(self, since: float) -> set[str]:
         """Content hashes the ledger knows: current instances received at or after
         ``since`` and every superseded version (start-up reconciliation compares the
         spool's recent files with these)."""
-        rows = self._conn().execute(
+        rows = self._execute(
             "SELECT sha256 FROM instances WHERE received_at >= ? "
             "UNION SELECT sha256 FROM instance_versions", (since,)).fetchall()
         return {str(r[0]) for r in rows}
@@ -435,7 +588,8 @@ class Ledger:
                 if study[0] != "open":
                     reopened = True
                 c.execute("UPDATE studies SET last_received=?, state='open', "
-                          "generation=generation + (state != 'open'), closed_at=NULL, "
+                          "generation=generation + CASE WHEN state='open' THEN 0 ELSE 1 END, "
+                          "closed_at=NULL, "
                           "close_reason=NULL WHERE study_uid=?", (now, rec.study_uid))
             series = c.execute("SELECT state, study_uid FROM series WHERE series_uid=?",
                                (rec.series_uid,)).fetchone()
@@ -450,7 +604,8 @@ class Ledger:
                 if series[0] != "open":
                     reopened = True
                 c.execute("UPDATE series SET last_received=?, state='open', "
-                          "generation=generation + (state != 'open'), closed_at=NULL, "
+                          "generation=generation + CASE WHEN state='open' THEN 0 ELSE 1 END, "
+                          "closed_at=NULL, "
                           "close_reason=NULL, "
                           "expected_count=COALESCE(expected_count, ?), "
                           "expected_by=COALESCE(expected_by, ?) WHERE series_uid=?",
@@ -481,16 +636,15 @@ class Ledger:
             return IngestOutcome("replaced", reopened=True, previous_path=str(prev[1]))
 
     def has_instance(self, sop_instance_uid: str) -> bool:
-        row = self._conn().execute("SELECT 1 FROM instances WHERE sop_instance_uid=?",
+        row = self._execute("SELECT 1 FROM instances WHERE sop_instance_uid=?",
                                    (sop_instance_uid,)).fetchone()
         return row is not None
 
     def instance_paths(self, series_uids: Sequence[str]) -> list[tuple[str, str]]:
         """(sop_instance_uid, path) of every current instance of these series."""
         out: list[tuple[str, str]] = []
-        conn = self._conn()
         for uid in series_uids:
-            out.extend((str(a), str(b)) for a, b in conn.execute(
+            out.extend((str(a), str(b)) for a, b in self._execute(
                 "SELECT sop_instance_uid, path FROM instances WHERE series_uid=? "
                 "ORDER BY received_at, sop_instance_uid", (uid,)))
         return out
@@ -505,18 +659,18 @@ class Ledger:
                     "expected_count, expected_by, last_received, state, generation")
 
     def open_series(self) -> list[SeriesRow]:
-        rows = self._conn().execute(
+        rows = self._execute(
             f"SELECT {self._SERIES_COLS} FROM series WHERE state='open'").fetchall()
         return [self._series_row(r) for r in rows]
 
     def series_of_study(self, study_uid: str) -> list[SeriesRow]:
-        rows = self._conn().execute(
+        rows = self._execute(
             f"SELECT {self._SERIES_COLS} FROM series WHERE study_uid=? ORDER BY first_received",
             (study_uid,)).fetchall()
         return [self._series_row(r) for r in rows]
 
     def get_series(self, series_uid: str) -> SeriesRow | None:
-        row = self._conn().execute(
+        row = self._execute(
             f"SELECT {self._SERIES_COLS} FROM series WHERE series_uid=?",
             (series_uid,)).fetchone()
         return None if row is None else self._series_row(row)
@@ -524,7 +678,7 @@ class Ledger:
     def related_series(self, study_uid: str, modalities: Sequence[str]) -> list[SeriesRow]:
         """Complete series of the same patient in *other* studies, of these modalities."""
         marks = ",".join("?" * len(modalities))
-        rows = self._conn().execute(
+        rows = self._execute(
             f"SELECT {self._SERIES_COLS} FROM series WHERE patient_key = "
             "(SELECT patient_key FROM studies WHERE study_uid=?) AND study_uid != ? "
             f"AND state='complete' AND modality IN ({marks}) ORDER BY first_received",
@@ -532,7 +686,7 @@ class Ledger:
         return [self._series_row(r) for r in rows]
 
     def open_studies(self) -> list[StudyRow]:
-        rows = self._conn().execute(
+        rows = self._execute(
             "SELECT study_uid, last_received, state, generation FROM studies "
             "WHERE state='open'").fetchall()
         return [StudyRow(*r) for r in rows]
@@ -572,7 +726,7 @@ class Ledger:
                                  now)
             return True
 
-    def _record_routing(self, c: sqlite3.Connection, subject: str, level: str, generation: int,
+    def _record_routing(self, c: _Tx, subject: str, level: str, generation: int,
                         decisions: Sequence[RouteDecision], jobs: Sequence[NewJob],
                         now: float) -> None:
         for d in decisions:
@@ -581,13 +735,14 @@ class Ledger:
                       (subject, level, generation, d.route, int(d.matched),
                        json.dumps(list(d.reasons)), now))
         for j in jobs:
-            c.execute("INSERT OR IGNORE INTO jobs (route, pipeline, level, subject_uid, "
-                      "study_uid, series_uids, generation, created_at) VALUES (?,?,?,?,?,?,?,?)",
+            c.execute("INSERT INTO jobs (route, pipeline, level, subject_uid, "
+                      "study_uid, series_uids, generation, created_at) VALUES (?,?,?,?,?,?,?,?) "
+                      "ON CONFLICT DO NOTHING",
                       (j.route, j.pipeline, j.level, j.subject_uid, j.study_uid,
                        json.dumps(list(j.series_uids)), generation, now))
 
     def route_decisions(self, subject_uid: str) -> list[dict[str, Any]]:
-        rows = self._conn().execute(
+        rows = self._execute(
             "SELECT level, generation, route, matched, reasons, decided_at FROM route_decisions "
             "WHERE subject_uid=? ORDER BY id", (subject_uid,)).fetchall()
         return [{"level": r[0], "generation": r[1], "route": r[2], "matched": bool(r[3]),
@@ -610,10 +765,10 @@ class Ledger:
         """
         now = self.clock()
         with self._write() as c:
-            c.execute("UPDATE series SET last_received=max(last_received, ?) WHERE state='open'",
-                      (now,))
-            c.execute("UPDATE studies SET last_received=max(last_received, ?) "
-                      "WHERE state='open'", (now,))
+            c.execute("UPDATE series SET last_received=? WHERE state='open' "
+                      "AND last_received < ?", (now, now))
+            c.execute("UPDATE studies SET last_received=? WHERE state='open' "
+                      "AND last_received < ?", (now, now))
             jobs = c.execute("UPDATE jobs SET state='pending' WHERE state='running'").rowcount
             sends = c.execute("UPDATE outbox SET state='pending' WHERE state='sending'").rowcount
         return jobs, sends
@@ -632,7 +787,7 @@ class Ledger:
                       job.series_uids, job.generation, "running", job.attempts + 1, job.error)
 
     def get_job(self, job_id: int) -> JobRow | None:
-        row = self._conn().execute(f"SELECT {self._JOB_COLS} FROM jobs WHERE id=?",
+        row = self._execute(f"SELECT {self._JOB_COLS} FROM jobs WHERE id=?",
                                    (job_id,)).fetchone()
         return None if row is None else self._job(row)
 
@@ -642,7 +797,7 @@ class Ledger:
         if state:
             sql += " WHERE state=?"
             args = (state,)
-        return [self._job(r) for r in self._conn().execute(sql + " ORDER BY id", args)]
+        return [self._job(r) for r in self._execute(sql + " ORDER BY id", args)]
 
     def finish_job(self, job_id: int, summary: dict[str, Any],
                    outputs: Sequence[tuple[str, str, str, str]],
@@ -654,9 +809,10 @@ class Ledger:
                       "WHERE id=?", (now, json.dumps(summary), job_id))
             for dest in destinations:
                 for sop_uid, class_uid, study_uid, path in outputs:
-                    c.execute("INSERT OR IGNORE INTO outbox (job_id, destination, "
+                    c.execute("INSERT INTO outbox (job_id, destination, "
                               "sop_instance_uid, sop_class_uid, study_uid, path, "
-                              "next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?)",
+                              "next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?) "
+                              "ON CONFLICT DO NOTHING",
                               (job_id, dest, sop_uid, class_uid, study_uid, path, now, now))
 
     def fail_job(self, job_id: int, error: str, *, max_attempts: int) -> str:
@@ -680,7 +836,7 @@ class Ledger:
                  "state, attempts")
 
     def due_outbox(self, limit: int = 100) -> list[OutboxRow]:
-        rows = self._conn().execute(
+        rows = self._execute(
             f"SELECT {self._OUT_COLS} FROM outbox WHERE state='pending' AND next_attempt_at<=? "
             "ORDER BY destination, id LIMIT ?", (self.clock(), limit)).fetchall()
         return [OutboxRow(*r) for r in rows]
@@ -691,7 +847,7 @@ class Ledger:
         if state:
             sql += " WHERE state=?"
             args = (state,)
-        return [OutboxRow(*r) for r in self._conn().execute(sql + " ORDER BY id", args)]
+        return [OutboxRow(*r) for r in self._execute(sql + " ORDER BY id", args)]
 
     def mark_sending(self, outbox_id: int) -> None:
         with self._write() as c:
@@ -724,37 +880,35 @@ class Ledger:
     # -- reporting ---------------------------------------------------------------------
 
     def counts(self) -> dict[str, dict[str, int]]:
-        conn = self._conn()
         out: dict[str, dict[str, int]] = {}
         for table in ("studies", "series", "jobs", "outbox"):
-            out[table] = {str(s): int(n) for s, n in conn.execute(
+            out[table] = {str(s): int(n) for s, n in self._execute(
                 f"SELECT state, count(*) FROM {table} GROUP BY state")}
-        out["instances"] = {"stored": int(conn.execute(
+        out["instances"] = {"stored": int(self._execute(
             "SELECT count(*) FROM instances").fetchone()[0])}
         if self.schema_version >= 2:
-            history = {"timeline_points": int(conn.execute(
+            history = {"timeline_points": int(self._execute(
                 "SELECT count(*) FROM timeline_points").fetchone()[0]),
-                "patients": int(conn.execute(
+                "patients": int(self._execute(
                     "SELECT count(DISTINCT patient_key) FROM timeline_points").fetchone()[0])}
-            history.update({f"retrieves_{s}": int(n) for s, n in conn.execute(
+            history.update({f"retrieves_{s}": int(n) for s, n in self._execute(
                 "SELECT outcome, count(*) FROM retrieve_events GROUP BY outcome")})
             out["history"] = history
         return out
 
     def failures(self, limit: int = 50) -> dict[str, list[dict[str, Any]]]:
-        conn = self._conn()
         jobs = [{"id": r[0], "route": r[1], "subject_uid": r[2], "attempts": r[3],
-                 "error": r[4]} for r in conn.execute(
+                 "error": r[4]} for r in self._execute(
             "SELECT id, route, subject_uid, attempts, error FROM jobs WHERE state='failed' "
             "ORDER BY id DESC LIMIT ?", (limit,))]
         dead = [{"id": r[0], "destination": r[1], "sop_instance_uid": r[2], "attempts": r[3],
-                 "last_status": r[4], "error": r[5]} for r in conn.execute(
+                 "last_status": r[4], "error": r[5]} for r in self._execute(
             "SELECT id, destination, sop_instance_uid, attempts, last_status, last_error "
             "FROM outbox WHERE state='dead' ORDER BY id DESC LIMIT ?", (limit,))]
         return {"failed_jobs": jobs, "dead_letters": dead}
 
     def unmatched_series(self, limit: int = 50) -> list[str]:
-        rows = self._conn().execute(
+        rows = self._execute(
             "SELECT s.series_uid FROM series s WHERE s.state='complete' AND NOT EXISTS "
             "(SELECT 1 FROM route_decisions d WHERE d.subject_uid=s.series_uid AND d.matched=1 "
             "AND d.generation=s.generation) ORDER BY s.closed_at DESC LIMIT ?", (limit,))
@@ -775,8 +929,8 @@ class Ledger:
             raise ValueError(f"unknown timeline source kind {point.source_kind!r}")
         with self._write() as c:
             cur = c.execute(
-                f"INSERT OR IGNORE INTO timeline_points ({self._TIMELINE_COLS}, recorded_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO timeline_points ({self._TIMELINE_COLS}, recorded_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (point.patient_key, point.tracking_uid, point.study_uid, point.study_date,
                  float(point.volume_cm3), point.source_sop_uid, point.source_kind,
                  point.source_path, self.clock()))
@@ -789,21 +943,21 @@ class Ledger:
         if tracking_uid is not None:
             sql += " AND tracking_uid=?"
             args = (patient_key, tracking_uid)
-        rows = self._conn().execute(sql + " ORDER BY study_date, id", args).fetchall()
+        rows = self._execute(sql + " ORDER BY study_date, id", args).fetchall()
         return [TimelineRow(*r) for r in rows]
 
     def timeline_patients(self) -> list[str]:
-        return [str(r[0]) for r in self._conn().execute(
+        return [str(r[0]) for r in self._execute(
             "SELECT DISTINCT patient_key FROM timeline_points ORDER BY patient_key")]
 
     def study_patient_key(self, study_uid: str) -> str | None:
-        row = self._conn().execute("SELECT patient_key FROM studies WHERE study_uid=?",
+        row = self._execute("SELECT patient_key FROM studies WHERE study_uid=?",
                                    (study_uid,)).fetchone()
         return None if row is None else str(row[0])
 
     def patient_instance_paths(self, patient_key: str, limit: int = 1) -> list[str]:
         """Spool paths of some stored instances of a patient (newest first)."""
-        rows = self._conn().execute(
+        rows = self._execute(
             "SELECT i.path FROM instances i JOIN studies s ON s.study_uid = i.study_uid "
             "WHERE s.patient_key=? ORDER BY i.received_at DESC LIMIT ?",
             (patient_key, limit)).fetchall()
@@ -825,7 +979,7 @@ class Ledger:
         if patient_key is not None:
             sql += " WHERE patient_key=?"
             args = (patient_key,)
-        return [RetrieveEvent(*r) for r in self._conn().execute(sql + " ORDER BY id", args)]
+        return [RetrieveEvent(*r) for r in self._execute(sql + " ORDER BY id", args)]
 
     def queue_results(self, outputs: Sequence[tuple[str, str, str, str]],
                       destinations: Sequence[str]) -> int:
@@ -836,14 +990,14 @@ class Ledger:
             for dest in destinations:
                 for sop_uid, class_uid, study_uid, path in outputs:
                     cur = c.execute(
-                        "INSERT OR IGNORE INTO outbox (job_id, destination, sop_instance_uid, "
+                        "INSERT INTO outbox (job_id, destination, sop_instance_uid, "
                         "sop_class_uid, study_uid, path, next_attempt_at, created_at) "
-                        "VALUES (NULL,?,?,?,?,?,?,?)",
+                        "VALUES (NULL,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                         (dest, sop_uid, class_uid, study_uid, path, now, now))
                     added += cur.rowcount
         return added
 
     def queued(self, sop_instance_uid: str) -> bool:
         """Whether a result with this UID is already in the outbox (any destination)."""
-        return self._conn().execute("SELECT 1 FROM outbox WHERE sop_instance_uid=? LIMIT 1",
+        return self._execute("SELECT 1 FROM outbox WHERE sop_instance_uid=? LIMIT 1",
                                     (sop_instance_uid,)).fetchone() is not None

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import queue
 import socket
-import sqlite3
 import ssl
 import struct
 import threading
@@ -45,7 +44,7 @@ from pynetdicom.transport import (
 )
 
 from dicomnode.config import Settings
-from dicomnode.ingest.ledger import Ledger
+from dicomnode.ingest.ledger import LEDGER_UNAVAILABLE, Ledger
 from dicomnode.ingest.parse import DatasetRejected, header_tags, read_instance
 from dicomnode.ingest.reconcile import build_record
 from dicomnode.ingest.spool import InstanceTooLarge, Spool, SpoolFull, SpoolTempFile
@@ -778,7 +777,7 @@ class StoreSCP:
         record = build_record(header, stored, self.ledger, calling, self.keywords)
         try:
             outcome = self.ledger.record_instance(record)
-        except sqlite3.OperationalError as exc:
+        except LEDGER_UNAVAILABLE as exc:
             log.error("ledger write failed, refusing the instance: %s", exc)
             if stored.created:  # unrecorded bytes would be an orphan nobody knows of
                 with contextlib.suppress(OSError):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,8 +37,11 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def ledger(tmp_path: Path, clock: Clock) -> Ledger:
-    return Ledger(tmp_path / "ledger.sqlite3", clock=clock)
+def ledger(tmp_path: Path, clock: Clock, ledger_url: str | None) -> Iterator[Ledger]:
+    """The same ledger tests on the embedded SQLite file and on PostgreSQL."""
+    led = Ledger(tmp_path / "ledger.sqlite3", clock=clock, url=ledger_url)
+    yield led
+    led.dispose()
 
 
 def tracker(ledger: Ledger, routes: list[dict[str, object]] | None = None) -> CompletionTracker:
@@ -242,3 +247,57 @@ def test_related_series_of_the_same_patient_within_the_window(ledger: Ledger,
     assert related == ("objects/xx/2.1.dcm",)
     assert runner._related(job, {"modalities": ["PT"], "window_days": 30}) == ()
     assert runner._related(job, None) == ()
+
+
+def test_concurrent_claims_take_each_job_once(tmp_path: Path, ledger_url: str | None) -> None:
+    """Two ledgers on one database (two processes, or two machines on PostgreSQL), two
+    threads each: every job is claimed exactly once."""
+    from dicomnode.ingest.ledger import NewJob, SeriesRow
+
+    first = Ledger(tmp_path / "ledger.sqlite3", url=ledger_url)
+    second = Ledger(tmp_path / "ledger.sqlite3", url=ledger_url)
+    for i in range(40):
+        first.record_instance(rec(f"1.{i}", series=f"1.2.3.{i}"))
+        row = first.get_series(f"1.2.3.{i}")
+        assert isinstance(row, SeriesRow)
+        assert first.close_series(row, "test", [], [NewJob("dat", "dat_spect", "series",
+                                                           row.series_uid, "1.2.3",
+                                                           (row.series_uid,))])
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def work(led: Ledger) -> None:
+        try:
+            while (job := led.claim_job()) is not None:
+                with lock:
+                    claimed.append(job.id)
+                led.finish_job(job.id, {}, [(f"9.{job.id}", "c", "1.2.3", "results/x.dcm")],
+                               ["pacs"])
+        finally:
+            led.close()
+
+    threads = [threading.Thread(target=work, args=(led,))
+               for led in (first, second, first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(claimed) == sorted(j.id for j in first.jobs()) and len(claimed) == 40
+    assert {j.state for j in second.jobs()} == {"done"}
+    assert len(second.outbox()) == 40
+    first.dispose()
+    second.dispose()
+
+
+def test_readonly_ledger_reads_but_never_writes(tmp_path: Path,
+                                                ledger_url: str | None) -> None:
+    writer = Ledger(tmp_path / "ledger.sqlite3", url=ledger_url)
+    writer.record_instance(rec("1.1"))
+    reader = Ledger(tmp_path / "ledger.sqlite3", url=ledger_url, readonly=True)
+    assert reader.counts()["instances"] == {"stored": 1}
+    assert reader.hash_identifier("PAT") == writer.hash_identifier("PAT")
+    with pytest.raises(Exception, match=r"(?i)read.?only"):
+        reader.record_instance(rec("1.2"))
+    assert writer.counts()["instances"] == {"stored": 1}
+    reader.dispose()
+    writer.dispose()

@@ -74,8 +74,9 @@ def row(study: str, date: str, volume: float, kind: str = "node") -> TimelineRow
     return TimelineRow("pk", TRACKING_UID, study, date, volume, f"sr-{study}", kind)
 
 
-def test_a_new_study_adds_one_point_and_never_rewrites_history(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
+def test_a_new_study_adds_one_point_and_never_rewrites_history(
+        tmp_path: Path, ledger_url: str | None) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite3", url=ledger_url)
     assert ledger.add_timeline_point(row("1.1", "20250101", 4.0, "prior-sr"))
     assert ledger.add_timeline_point(row("1.2", "20250401", 6.0, "prior-sr"))
     # the same study again (a re-run, a re-retrieved prior) changes nothing

@@ -1,0 +1,210 @@
+"""Database and broker servers for the scale-out tests: Debian's PostgreSQL and Redis,
+each started by the test itself in a temporary folder on a free loopback port.
+
+Under CI=true a missing server is a failure, never a skip (``tests.peers.require_tool``).
+PostgreSQL refuses to run as root, so as root it runs as the ``postgres`` user that
+Debian's package creates (``runuser``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import itertools
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.peers import free_port, in_ci, port_open, wait_for
+
+
+def _missing(message: str) -> None:
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _pg_bin(name: str) -> str:
+    """A PostgreSQL server program: Debian keeps them off PATH, under one version's bin."""
+    found = shutil.which(name) or next(iter(sorted(
+        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    if found is None:
+        _missing(f"{name} (Debian's postgresql) is not installed "
+                 "(run scripts/setup.sh --test, which installs it)")
+        raise AssertionError("unreachable")
+    return found
+
+
+@dataclass
+class Postgres:
+    port: int
+    workdir: Path
+    proc: subprocess.Popen[bytes]
+    user: str
+    _names: Iterator[int]
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        """A new empty database; returns its SQLAlchemy URL."""
+        import psycopg
+
+        name = f"ledger_{os.getpid()}_{next(self._names)}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user={self.user} "
+                             "dbname=postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: smart shutdown
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _as_server_user(argv: list[str], user: str) -> list[str]:
+    return argv if user == pwd.getpwuid(os.getuid()).pw_name else \
+        ["runuser", "-u", user, "--", *argv]
+
+
+def start_postgres(*, fsync: bool = False) -> Postgres:
+    """A private PostgreSQL cluster on a free loopback port (``fsync`` off by default:
+    the tests check semantics, not the disk)."""
+    initdb, postgres = _pg_bin("initdb"), _pg_bin("postgres")
+    user = pwd.getpwuid(os.getuid()).pw_name
+    if os.getuid() == 0:
+        user = "postgres"
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            _missing("no 'postgres' user to run PostgreSQL as (Debian's postgresql creates it)")
+    workdir = Path(tempfile.mkdtemp(prefix="dicomnode-pg-"))
+    if os.getuid() == 0:
+        entry = pwd.getpwnam(user)
+        os.chown(workdir, entry.pw_uid, entry.pw_gid)
+    data = workdir / "data"
+    subprocess.run(_as_server_user([initdb, "-D", str(data), "-U", user, "--auth=trust",
+                                    "-E", "UTF8", "--no-sync"], user),
+                   check=True, capture_output=True)
+    port = free_port()
+    log = open(workdir / "postgres.log", "wb")  # noqa: SIM115 - the server's lifetime
+    proc = subprocess.Popen(
+        _as_server_user([postgres, "-D", str(data), "-p", str(port), "-k", str(workdir),
+                         "-c", "listen_addresses=127.0.0.1",
+                         "-c", f"fsync={'on' if fsync else 'off'}",
+                         "-c", "max_connections=200", "-c", "shared_buffers=32MB"], user),
+        stdout=log, stderr=subprocess.STDOUT)
+    server = Postgres(port, workdir, proc, user, itertools.count())
+    try:
+        wait_for(lambda: proc.poll() is not None or port_open(port), 60, "PostgreSQL to listen")
+        if proc.poll() is not None:
+            raise RuntimeError("PostgreSQL exited at start: "
+                               + (workdir / "postgres.log").read_text(errors="replace")[-2000:])
+        import psycopg
+
+        def ready() -> bool:
+            try:
+                psycopg.connect(f"host=127.0.0.1 port={port} user={user} dbname=postgres").close()
+            except psycopg.OperationalError:
+                return False
+            return True
+
+        wait_for(ready, 60, "PostgreSQL to accept connections")
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@dataclass
+class Redis:
+    port: int
+    workdir: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_redis() -> Redis:
+    """A private Redis on a free loopback port, nothing persisted."""
+    server = shutil.which("redis-server")
+    if server is None:
+        _missing("redis-server (Debian's redis-server) is not installed "
+                 "(run scripts/setup.sh --test, which installs it)")
+        raise AssertionError("unreachable")
+    workdir = Path(tempfile.mkdtemp(prefix="dicomnode-redis-"))
+    port = free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1",
+                             "--dir", str(workdir), "--save", "", "--appendonly", "no",
+                             "--protected-mode", "yes"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    redis = Redis(port, workdir, proc)
+    try:
+        wait_for(lambda: proc.poll() is not None or port_open(port), 30, "Redis to listen")
+        if proc.poll() is not None:
+            raise RuntimeError("redis-server exited at start")
+    except BaseException:
+        redis.stop()
+        raise
+    return redis
+
+
+@contextlib.contextmanager
+def postgres_running(**kwargs: bool) -> Iterator[Postgres]:
+    server = start_postgres(**kwargs)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def redis_running() -> Iterator[Redis]:
+    server = start_redis()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# -- fixtures (imported by tests/conftest.py) ------------------------------------------
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Postgres]:
+    """One PostgreSQL cluster for the test session; each test gets its own database."""
+    with postgres_running() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest) -> str | None:
+    """Run a ledger test on both databases: None is the embedded SQLite file, else the
+    URL of a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    server: Postgres = request.getfixturevalue("pg_server")
+    return server.create_database()
