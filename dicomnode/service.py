@@ -51,7 +51,7 @@ class Node:
         self.router = Router(settings.routes, header_loader=self._series_header)
         self.completion = CompletionTracker(self.ledger, self.router, settings.completion)
         self.audit = AuditTrail(settings.spool_dir / AUDIT_NAME, clock=clock)
-        self.reader = LedgerReader(settings.spool_dir / LEDGER_NAME)
+        self.reader = LedgerReader(settings.spool_dir / LEDGER_NAME, settings.ledger.url)
         self.ops = Operations(settings, self.reader, self.audit)
         self.outbox = OutboxSender(settings, self.ledger, self.spool, events=self.ops)
         self.runner = JobRunner(settings, self.ledger, on_finished=self._kick_outbox,

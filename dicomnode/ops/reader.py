@@ -1,11 +1,14 @@
 """Read-only questions to the ledger for operations: timelines, queues, timings.
 
+On the embedded SQLite ledger a connection of its own, opened read-only (``mode=ro``);
+on a shared ledger (``ledger.url``, PostgreSQL) a small SQLAlchemy pool of its own. The
+SQL is the portable subset both run. Nothing here can change the ledger or take its
+write lock; one lock serialises the HTTP threads' use of it.
+
 Queries go through the ledger's indexes where it has them (a study's instances through
 its series); per-study jobs and outbox rows and the searches by patient or accession key
 scan their tables, which indexes on those columns would spare at hospital scale.
 
-A connection of its own, opened read-only (``mode=ro``), so nothing here can change
-the ledger or take its write lock; one lock serialises the HTTP threads' use of it.
 Every value from a request reaches SQLite as a bound parameter, never as SQL or a path.
 """
 
@@ -20,20 +23,37 @@ from typing import Any
 
 
 class LedgerReader:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, url: str | None = None) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
-                                   timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
+        self._db: sqlite3.Connection | None = None
+        self._engine: Any = None
+        if url is None:
+            self._db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                                       timeout=30.0, isolation_level=None,
+                                       check_same_thread=False)
+        else:
+            from sqlalchemy import create_engine
+
+            self._engine = create_engine(url, pool_size=1, max_overflow=1,
+                                         pool_pre_ping=True)
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
+            if self._engine is not None:
+                self._engine.dispose()
 
     def _all(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            return [tuple(r) for r in self._db.execute(sql, args).fetchall()]
+            if self._db is not None:
+                return [tuple(r) for r in self._db.execute(sql, args).fetchall()]
+            with self._engine.connect() as conn:
+                rows = conn.exec_driver_sql(sql.replace("%", "%%").replace("?", "%s"),
+                                            tuple(args)).fetchall()
+                conn.rollback()
+            return [tuple(r) for r in rows]
 
     def _one(self, sql: str, args: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         rows = self._all(sql, args)
@@ -59,8 +79,9 @@ class LedgerReader:
     def job_confirmed_latency(self, job_id: int, destination: str) -> float | None:
         """Seconds from the last instance of a job's series to the destination confirming
         the last of its results; None while any of them is unconfirmed."""
-        row = self._one("SELECT count(*), sum(state != 'sent'), max(sent_at) FROM outbox "
-                        "WHERE job_id=? AND destination=?", (job_id, destination))
+        row = self._one("SELECT count(*), sum(CASE WHEN state = 'sent' THEN 0 ELSE 1 END), "
+                        "max(sent_at) FROM outbox WHERE job_id=? AND destination=?",
+                        (job_id, destination))
         if row is None or not row[0] or row[1] or row[2] is None:
             return None
         job = self._one("SELECT series_uids FROM jobs WHERE id=?", (job_id,))
@@ -82,16 +103,14 @@ class LedgerReader:
               "s.closed_at, s.close_reason, "
               "(SELECT coalesce(sum(r.instance_count), 0) FROM series r "
               " WHERE r.study_uid = s.study_uid), "
-              "(SELECT count(*) FROM series r WHERE r.study_uid = s.study_uid), "
-              "(SELECT group_concat(DISTINCT r.modality) FROM series r "
-              " WHERE r.study_uid = s.study_uid) FROM studies s")
+              "(SELECT count(*) FROM series r WHERE r.study_uid = s.study_uid) "
+              "FROM studies s")
 
     @staticmethod
     def _study_row(r: Sequence[Any]) -> dict[str, Any]:
         return {"study_uid": r[0], "patient_key": r[1], "state": r[2], "first_received": r[3],
                 "last_received": r[4], "closed_at": r[5], "close_reason": r[6],
-                "instances": r[7], "series": r[8],
-                "modalities": sorted(str(r[9]).split(",")) if r[9] else []}
+                "instances": int(r[7]), "series": int(r[8]), "modalities": []}
 
     def studies(self, *, limit: int = 50, patient_key: str | None = None,
                 accession_key: str | None = None, study_uid: str | None = None
@@ -115,6 +134,13 @@ class LedgerReader:
         studies = sorted((self._study_row(r) for r in self._all(
             self._STUDY + f" WHERE s.study_uid IN ({marks})", uids)),
             key=lambda st: -float(st["last_received"]))
+        modalities: dict[str, set[str]] = {uid: set() for uid in uids}
+        for uid, modality in self._all("SELECT DISTINCT study_uid, modality FROM series "
+                                       f"WHERE study_uid IN ({marks})", uids):
+            if modality:
+                modalities[str(uid)].add(str(modality))
+        for study in studies:
+            study["modalities"] = sorted(modalities[study["study_uid"]])
         outcomes: dict[str, dict[str, int]] = {uid: {} for uid in uids}
         for table, prefix in (("jobs", "jobs"), ("outbox", "results")):
             for uid, state, n in self._all(f"SELECT study_uid, state, count(*) FROM {table} "
@@ -137,6 +163,8 @@ class LedgerReader:
         if not found:
             return None
         study = self._study_row(found[0])
+        study["modalities"] = sorted({str(m) for (m,) in self._all(
+            "SELECT DISTINCT modality FROM series WHERE study_uid=?", (study_uid,)) if m})
         series = []
         for r in self._all("SELECT series_uid, modality, calling_ae, attrs, instance_count, "
                            "expected_count, expected_by, first_received, last_received, "

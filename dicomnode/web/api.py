@@ -286,7 +286,7 @@ def _steps(t: Mapping[str, Any]) -> list[dict[str, Any]]:
                   "pending" if states & {"pending", "running"} else "done")
         parts = []
         for j in jobs:
-            models = ", ".join(f"{m['name']} {m['version']}" for m in j["models"])
+            models = ", ".join(f"{m['name']} {m['version']}" for m in j.get("models", []))
             took = f"{j['duration_s']:.1f} s" if j["duration_s"] is not None else "-"
             version = j["summary"].get("version")
             parts.append(f"{j['pipeline']} (pipeline v{version or '?'}"
