@@ -23,6 +23,7 @@ import base64
 import os
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from dicomnode.ops.audit import AuditRecord
@@ -43,9 +44,9 @@ RESTRICTED_FUNCTION: Code = ("110132", "DCM", "Use of Restricted Function")
 ROLE_APPLICATION: Code = ("110150", "DCM", "Application")
 ROLE_DESTINATION: Code = ("110152", "DCM", "Destination Role ID")
 ROLE_SOURCE: Code = ("110153", "DCM", "Source Role ID")
-STATION_AE_TITLE: Code = ("110119", "DCM", "Station AE Title")
 STUDY_INSTANCE_UID: Code = ("110180", "DCM", "Study Instance UID")
 PATIENT_NUMBER: Code = ("2", "RFC-3881", "Patient Number")
+URI: Code = ("12", "RFC-3881", "URI")
 
 
 def _coded(parent: ET.Element, tag: str, code: Code) -> ET.Element:
@@ -58,8 +59,7 @@ def _time(at: float) -> str:
 
 
 def _participant(msg: ET.Element, user_id: str, *, requestor: bool, role: Code | None,
-                 address: str | None = None, ae_title: bool = True,
-                 alternative: str | None = None) -> None:
+                 address: str | None = None, alternative: str | None = None) -> None:
     attrs = {"UserID": user_id or "UNKNOWN", "UserIsRequestor": "true" if requestor else "false"}
     if alternative:
         attrs["AlternativeUserID"] = alternative
@@ -70,8 +70,6 @@ def _participant(msg: ET.Element, user_id: str, *, requestor: bool, role: Code |
     ap = ET.SubElement(msg, "ActiveParticipant", attrs)
     if role is not None:
         _coded(ap, "RoleIDCode", role)
-    if ae_title:
-        _coded(ap, "UserIDTypeCode", STATION_AE_TITLE)
 
 
 def _study(msg: ET.Element, study_uid: str, sop_classes: Mapping[str, int] | None,
@@ -146,7 +144,7 @@ def audit_message(record: AuditRecord, *, node_ae: str, source_id: str) -> ET.El
         _participant(msg, node_ae, requestor=False, role=ROLE_APPLICATION, alternative=pid)
     elif kind in ("web-action", "web-auth"):
         _participant(msg, str(d.get("user", "unknown")), requestor=True, role=None,
-                     address=str(d.get("address") or "") or None, ae_title=False)
+                     address=str(d.get("address") or "") or None)
         _participant(msg, node_ae, requestor=False, role=ROLE_APPLICATION, alternative=pid)
     else:
         _participant(msg, node_ae, requestor=True, role=ROLE_APPLICATION, alternative=pid)
@@ -159,18 +157,21 @@ def audit_message(record: AuditRecord, *, node_ae: str, source_id: str) -> ET.El
         _study(msg, str(d.get("study_uid", "")), d.get("sop_classes"), details)
         _patient(msg, d.get("patient_key"))
     elif kind == "configuration":
+        source = str(d.get("source") or "")
         po = ET.SubElement(msg, "ParticipantObjectIdentification", {
-            "ParticipantObjectID": str(d.get("config_sha256", "")),
+            "ParticipantObjectID": Path(source).resolve().as_uri()
+            if source.startswith("/") else f"dicomnode:config/{source}",
             "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "13"})
-        ET.SubElement(po, "ParticipantObjectIDTypeCode", {
-            "csd-code": "12", "codeSystemName": "RFC-3881", "originalText": "URI"})
-        ET.SubElement(po, "ParticipantObjectName").text = str(d.get("source", ""))
+        _coded(po, "ParticipantObjectIDTypeCode", URI)
+        for key in ("config_sha256", "previous_sha256"):
+            if d.get(key):
+                ET.SubElement(po, "ParticipantObjectDetail", {
+                    "type": key, "value": base64.b64encode(str(d[key]).encode()).decode()})
     elif kind == "web-action" and d.get("target"):
         po = ET.SubElement(msg, "ParticipantObjectIdentification", {
-            "ParticipantObjectID": str(d["target"]), "ParticipantObjectTypeCode": "2",
+            "ParticipantObjectID": f"dicomnode:{d['target']}", "ParticipantObjectTypeCode": "2",
             "ParticipantObjectTypeCodeRole": "20"})
-        ET.SubElement(po, "ParticipantObjectIDTypeCode", {
-            "csd-code": "12", "codeSystemName": "RFC-3881", "originalText": "URI"})
+        _coded(po, "ParticipantObjectIDTypeCode", URI)
     return msg
 
 

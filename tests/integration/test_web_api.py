@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.atna_schema import check_audit_message
 from tests.peers import (
     PYDICOM_FILES,
     REPO,
@@ -236,6 +237,7 @@ def _check_atna(body: bytes) -> None:
     order = ["EventIdentification", "ActiveParticipant", "AuditSourceIdentification",
              "ParticipantObjectIdentification"]
     for msg in messages:
+        assert check_audit_message(msg) == []
         tags = [child.tag for child in msg]
         assert tags == sorted(tags, key=order.index), tags  # the schema's sequence
         assert tags.count("EventIdentification") == 1 and "ActiveParticipant" in tags

@@ -17,6 +17,7 @@ from dicomnode.ops.atna import audit_message, export_xml
 from dicomnode.ops.audit import MINOR_FAILURE, AuditRecord, AuditTrail
 from dicomnode.ops.observer import Operations
 from dicomnode.web.api import ApiError, Caller, parse_tags
+from tests.atna_schema import check_audit_message
 
 SCHEMA_ORDER = ["EventIdentification", "ActiveParticipant", "AuditSourceIdentification",
                 "ParticipantObjectIdentification"]
@@ -93,6 +94,7 @@ def test_each_kind_is_a_dicom_audit_message(kind: str, event: str, action: str,
                      target="outbox/3", user="ops")
     msg = audit_message(record, node_ae="DICOMNODE", source_id="dicomnode/DICOMNODE")
     assert msg is not None
+    assert check_audit_message(msg) == []
     tags = [c.tag for c in msg]
     assert tags == sorted(tags, key=SCHEMA_ORDER.index)
     ev = msg.find("EventIdentification")
@@ -112,6 +114,24 @@ def test_each_kind_is_a_dicom_audit_message(kind: str, event: str, action: str,
                    for p in msg.findall("ParticipantObjectIdentification")}
         assert objects["1"].get("ParticipantObjectID") == "ab12cd34"  # the hash
         assert objects["3"].get("ParticipantObjectID") == "1.2.3"
+
+
+def test_the_schema_check_catches_what_the_schema_forbids() -> None:
+    msg = audit_message(_record("store", study_uid="1.2", patient_key="k"), node_ae="N",
+                        source_id="s")
+    assert msg is not None
+    participant = msg.find("ActiveParticipant")
+    assert participant is not None
+    ET.SubElement(participant, "UserIDTypeCode", {"csd-code": "110119"})
+    participant.set("UserIsRequestor", "maybe")
+    event = msg.find("EventIdentification")
+    assert event is not None
+    event.set("EventOutcomeIndicator", "3")
+    msg.insert(0, ET.Element("AuditSourceIdentification", {"AuditSourceID": "x"}))
+    problems = " ".join(check_audit_message(msg))
+    for fragment in ("AuditMessage: children", "UserIsRequestor='maybe'",
+                     "EventOutcomeIndicator='3'", "ActiveParticipant: children"):
+        assert fragment in problems, problems
 
 
 def test_association_records_are_kept_but_not_exported() -> None:
