@@ -5,8 +5,8 @@ One CT study (default 1,000 instances of 512x512 int16; --size 64 for small, lat
 instances) is sent with dcmtk storescu (TCP_NODELAY=1 in its environment) to each receiver
 in turn, each started fresh on a free loopback port with its own storage: storescp (writes
 files, no fsync), Orthanc (SyncStorageArea on: fsync per instance) and the node (fsync,
-rename, directory fsync, ledger commit to the WAL per instance; see ingest/reconcile.py). Prints img/s and MB/s (median of --repeats) and the
-ratios node/Orthanc and node/storescp.
+rename, directory fsync, ledger commit to the WAL per instance; see ingest/reconcile.py).
+Prints img/s and MB/s (median of --repeats) and the ratios node/Orthanc and node/storescp.
 
     .venv/bin/python scripts/bench_ingest.py --n 1000 --repeats 3
 """
