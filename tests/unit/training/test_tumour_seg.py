@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,11 @@ from dicomnode.inference.runtime import RuntimeSettings, open_session
 from dicomnode.training.commands import TASKS, TaskOptions, TrainingRunError, load_task_modules
 from dicomnode.training.export import OutputDescription, write_model_package
 from dicomnode.training.tasks_segmentation import (
+    FINAL_LR_FRACTION,
     UNet2d,
     array_spec,
     brats_cases,
+    cosine_lr,
     dice,
     read_brats_case,
     seg_spec,
@@ -125,3 +128,12 @@ def test_dice_and_resampling_back_to_the_source_grid() -> None:
     back = segment_volume(small, 40, 40)
     assert back.shape == (2, 40, 40)
     assert dice(back, truth) > 0.9
+
+
+def test_the_learning_rate_falls_on_a_cosine_to_its_floor() -> None:
+    rates = [cosine_lr(0.002, epoch, 40) for epoch in range(40)]
+    assert rates[0] == pytest.approx(0.002)
+    assert rates[-1] == pytest.approx(0.002 * FINAL_LR_FRACTION)
+    assert rates[20] == pytest.approx(0.002 * (1 + FINAL_LR_FRACTION) / 2, rel=0.05)
+    assert all(a > b for a, b in itertools.pairwise(rates))
+    assert cosine_lr(0.002, 0, 1) == 0.002
