@@ -1,4 +1,4 @@
-"""Command line: ``dicomnode serve|send|status|check-config|demo|phantom``.
+"""Command line: ``dicomnode serve|worker|send|status|check-config|demo|phantom``.
 
 Errors print one line and exit non-zero; ``--debug`` shows the traceback instead.
 """
@@ -35,6 +35,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _setup_logging("DEBUG" if args.debug else settings.log_level)
     Node(settings).serve_forever()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings.jobs.engine != "celery":
+        raise CliError(f"{settings.source}: jobs.engine: a worker needs engine celery "
+                       "and a broker (jobs: {engine: celery, broker: redis://host:6379/0})")
+    _setup_logging("DEBUG" if args.debug else settings.log_level)
+    from dicomnode.jobs.celery_engine import run_worker
+
+    run_worker(settings)
     return 0
 
 
@@ -201,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the node until SIGTERM/SIGINT")
     with_config(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run analysis only, taking jobs from the Celery broker "
+                       "(jobs.engine: celery) until SIGTERM/SIGINT")
+    with_config(p)
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("check-config", help="validate a config file without starting")
     with_config(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 import threading
@@ -21,6 +22,7 @@ from dicomnode.ingest.completion import CompletionTracker
 from dicomnode.ingest.ledger import JobRow, Ledger
 from dicomnode.ingest.reconcile import mark_running, mark_stopped, reconcile, unclean_since
 from dicomnode.ingest.spool import Spool
+from dicomnode.jobs.celery_engine import CeleryDispatcher
 from dicomnode.jobs.outbox import OutboxSender
 from dicomnode.jobs.runner import JobRunner
 from dicomnode.net.scp import StoreSCP
@@ -43,10 +45,20 @@ def open_ledger(settings: Settings, clock: Callable[[], float] = time.time,
                   url=settings.ledger.url)
 
 
+def shared_tmp_name(settings: Settings) -> str | None:
+    """A receiver's own folder for partial files in a spool shared with others (named
+    from its storage folder, never from peer data); None for a spool of its own."""
+    if settings.node.spool is None:
+        return None
+    digest = hashlib.sha256(str(settings.node.storage.resolve()).encode()).hexdigest()
+    return f"node-{digest[:16]}"
+
+
 class Node:
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
-        self.spool = Spool(settings.spool_dir, max_instance_bytes=settings.node.max_instance_bytes)
+        self.spool = Spool(settings.spool_root, max_instance_bytes=settings.node.max_instance_bytes,
+                           tmp_name=shared_tmp_name(settings))
         self.ledger = open_ledger(settings, clock)
         self.router = Router(settings.routes, header_loader=self._series_header)
         self.completion = CompletionTracker(self.ledger, self.router, settings.completion)
@@ -54,8 +66,10 @@ class Node:
         self.reader = LedgerReader(settings.spool_dir / LEDGER_NAME, settings.ledger.url)
         self.ops = Operations(settings, self.reader, self.audit)
         self.outbox = OutboxSender(settings, self.ledger, self.spool, events=self.ops)
-        self.runner = JobRunner(settings, self.ledger, on_finished=self._kick_outbox,
-                                on_done=self._job_done, events=self.ops)
+        self.runner: JobRunner | CeleryDispatcher = JobRunner(
+            settings, self.ledger, on_finished=self._kick_outbox, on_done=self._job_done,
+            events=self.ops) if settings.jobs.engine == "in-process" else \
+            CeleryDispatcher(settings, self.ledger)
         self.scp = StoreSCP(settings, self.spool, self.ledger, events=self.ops)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.history = HistoryService(settings, self.ledger, self.spool,
@@ -124,16 +138,17 @@ class Node:
             self.history.volume_measured(patient_key, measurement)
 
     def start(self) -> None:
+        self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
         removed = self.spool.clear_partials()
-        since = unclean_since(self.spool.root)
+        since = unclean_since(self.settings.spool_dir)  # this node's marker, not the spool's
         if since is not None:
             report = reconcile(self.spool, self.ledger, since, self.scp.keywords,
                                self.scp.header_tags)
             log.info("unclean stop: %d spool file(s) since it checked, %d re-indexed, "
                      "%d damaged, %d unreadable", report.scanned, report.indexed,
                      report.mismatched, report.unreadable)
-        mark_running(self.spool.root)
-        jobs, sends = self.ledger.recover()
+        mark_running(self.settings.spool_dir)
+        jobs, sends = self.ledger.recover(jobs=self.settings.jobs.engine == "in-process")
         if removed or jobs or sends:
             log.info("recovered after restart: %d partial file(s) removed, %d job(s) and "
                      "%d send(s) re-queued", removed, jobs, sends)
@@ -169,7 +184,7 @@ class Node:
         self.runner.stop()
         self.ops.stopped()
         self.audit.stop()
-        mark_stopped(self.spool.root, self.ledger)
+        mark_stopped(self.settings.spool_dir, self.ledger)
         log.info("stopped")
 
     def serve_forever(self) -> None:

@@ -14,15 +14,19 @@ import itertools
 import os
 import pwd
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from tests.peers import free_port, in_ci, port_open, wait_for
+from tests.peers import REPO, free_port, in_ci, node_config, port_open, wait_for
 
 
 def _missing(message: str) -> None:
@@ -208,3 +212,70 @@ def ledger_url(request: pytest.FixtureRequest) -> str | None:
         return None
     server: Postgres = request.getfixturevalue("pg_server")
     return server.create_database()
+
+
+# -- a scaled-out node: receivers and workers sharing PostgreSQL, Redis and a spool -----
+
+DAT_ROUTE = {"name": "dat-spect", "match": {"Modality": "NM",
+                                            "ImageType": {"contains": ["RECON TOMO"]}},
+             "pipeline": "dat_spect", "send_to": ["pacs"]}
+
+
+def scale_config(storage: Path, port: int, *, ledger_url: str, broker: str, spool: Path,
+                 pacs_port: int, timeout_s: float = 60, slots: int = 1) -> dict[str, Any]:
+    """One machine's config: its own storage folder and port; the ledger, broker and
+    spool that every machine shares."""
+    return node_config(storage, port, routes=[DAT_ROUTE],
+                       destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1",
+                                              "port": pacs_port}},
+                       extra={"node": {"spool": str(spool)},
+                              "ledger": {"url": ledger_url},
+                              "jobs": {"engine": "celery", "broker": broker,
+                                       "workers": slots, "timeout_s": timeout_s,
+                                       "max_attempts": 3}})
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the worker and every process it started (its analysis children): a
+        SIGKILL is a machine lost mid-job."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # children that outlived a SIGTERM
+
+
+def start_worker(workdir: Path, config: dict[str, Any]) -> WorkerProcess:
+    """``dicomnode worker`` in its own process group, ready once Celery says so."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = workdir / "worker.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    log_path = workdir / "worker.log"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "worker", "--config",
+                                 str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                env=env, start_new_session=True)
+    worker = WorkerProcess(proc, log_path)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode}:\n{worker.log_text()}")
+        return " ready." in worker.log_text()
+
+    wait_for(ready, 90, "the worker to connect to the broker")
+    return worker

@@ -7,7 +7,8 @@ State machine::
                                  ▲                               │
                                  └──────── late instance ────────┘ (generation + 1)
     job pending ─▶ running ─▶ done (outbox rows) | pending again | failed
-    job pending ─▶ superseded (its series re-opened before it ran)
+    job pending ─▶ queued (handed to Celery) ─▶ running ─▶ ...  (jobs.engine: celery)
+    job pending | queued ─▶ superseded (its series re-opened before it ran)
     outbox pending ─▶ sending ─▶ sent | pending (backoff) | dead
 
 Every transition is one transaction, so a process killed at any instant restarts into
@@ -613,7 +614,7 @@ class Ledger:
             if reopened:
                 # a newer generation will be analysed: queued work on the older is moot
                 c.execute("UPDATE jobs SET state='superseded', finished_at=? "
-                          "WHERE state='pending' AND subject_uid IN (?, ?)",
+                          "WHERE state IN ('pending', 'queued') AND subject_uid IN (?, ?)",
                           (now, rec.series_uid, rec.study_uid))
             if prev is None:
                 c.execute("INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, "
@@ -757,21 +758,25 @@ class Ledger:
     _JOB_COLS = ("id, route, pipeline, level, subject_uid, study_uid, series_uids, generation, "
                  "state, attempts, error")
 
-    def recover(self) -> tuple[int, int]:
+    def recover(self, *, jobs: bool = True) -> tuple[int, int]:
         """After a restart: re-queue jobs that were running and sends that were in flight.
 
         Open series and studies restart their quiet period: while the node was down no
         instance could arrive, so downtime is not evidence that a sender has finished.
+        ``jobs=False`` where jobs run on Celery workers, not in this process: their
+        leases (``expire_jobs``) tell a lost job from one still running elsewhere.
         """
+        requeue = jobs
         now = self.clock()
         with self._write() as c:
             c.execute("UPDATE series SET last_received=? WHERE state='open' "
                       "AND last_received < ?", (now, now))
             c.execute("UPDATE studies SET last_received=? WHERE state='open' "
                       "AND last_received < ?", (now, now))
-            jobs = c.execute("UPDATE jobs SET state='pending' WHERE state='running'").rowcount
+            requeued = c.execute("UPDATE jobs SET state='pending' WHERE state='running'"
+                                 ).rowcount if requeue else 0
             sends = c.execute("UPDATE outbox SET state='pending' WHERE state='sending'").rowcount
-        return jobs, sends
+        return requeued, sends
 
     def claim_job(self) -> JobRow | None:
         now = self.clock()
@@ -785,6 +790,49 @@ class Ledger:
         job = self._job(row)
         return JobRow(job.id, job.route, job.pipeline, job.level, job.subject_uid, job.study_uid,
                       job.series_uids, job.generation, "running", job.attempts + 1, job.error)
+
+    def claim_job_id(self, job_id: int) -> JobRow | None:
+        """Claim one job named by a Celery message: None unless it is pending or queued
+        (a repeated message, a job already running elsewhere, done or superseded)."""
+        now = self.clock()
+        with self._write() as c:
+            claimed = c.execute("UPDATE jobs SET state='running', attempts=attempts+1, "
+                                "started_at=? WHERE id=? AND state IN ('pending', 'queued')",
+                                (now, job_id)).rowcount
+            if claimed != 1:
+                return None
+            row = c.execute(f"SELECT {self._JOB_COLS} FROM jobs WHERE id=?",
+                            (job_id,)).fetchone()
+        return self._job(row)
+
+    def dispatch_jobs(self, limit: int = 100) -> list[int]:
+        """Pending jobs become ``queued`` (``started_at`` is then the dispatch time); the
+        caller publishes their ids after this commits. A lost publish is re-dispatched
+        once its lease expires (``expire_jobs``); a repeated one is refused at claim."""
+        now = self.clock()
+        with self._write() as c:
+            ids = [int(r[0]) for r in c.execute(
+                "SELECT id FROM jobs WHERE state='pending' ORDER BY id LIMIT ?", (limit,))]
+            for job_id in ids:
+                c.execute("UPDATE jobs SET state='queued', started_at=? WHERE id=?",
+                          (now, job_id))
+        return ids
+
+    def expire_jobs(self, lease_s: float, *, max_attempts: int) -> tuple[int, int]:
+        """Jobs whose lease ran out go back to pending: ``running`` ones whose worker was
+        lost (the attempt counts; failed once attempts are used up) and ``queued`` ones
+        no worker claimed. Returns (running re-queued or failed, queued re-queued)."""
+        now = self.clock()
+        cutoff = now - lease_s
+        with self._write() as c:
+            lost = c.execute("UPDATE jobs SET state=CASE WHEN attempts < ? THEN 'pending' "
+                             "ELSE 'failed' END, error=?, finished_at=? "
+                             "WHERE state='running' AND started_at < ?",
+                             (max_attempts, f"worker lost: no result within {lease_s:g} s",
+                              now, cutoff)).rowcount
+            unclaimed = c.execute("UPDATE jobs SET state='pending' WHERE state='queued' "
+                                  "AND started_at < ?", (cutoff,)).rowcount
+        return lost, unclaimed
 
     def get_job(self, job_id: int) -> JobRow | None:
         row = self._execute(f"SELECT {self._JOB_COLS} FROM jobs WHERE id=?",
@@ -849,10 +897,12 @@ class Ledger:
             args = (state,)
         return [OutboxRow(*r) for r in self._execute(sql + " ORDER BY id", args)]
 
-    def mark_sending(self, outbox_id: int) -> None:
+    def mark_sending(self, outbox_id: int) -> bool:
+        """Claim a due result for sending; False when another sender (a second
+        receiver sharing this ledger) took it first."""
         with self._write() as c:
-            c.execute("UPDATE outbox SET state='sending', attempts=attempts+1 WHERE id=?",
-                      (outbox_id,))
+            return c.execute("UPDATE outbox SET state='sending', attempts=attempts+1 "
+                             "WHERE id=? AND state='pending'", (outbox_id,)).rowcount == 1
 
     def mark_sent(self, outbox_id: int, status: int) -> None:
         with self._write() as c:

@@ -129,9 +129,12 @@ class SpoolTempFile:
 class Spool:
     """Owns the storage root's directories and the write-fsync-rename protocol."""
 
-    def __init__(self, root: Path, *, max_instance_bytes: int = 4 * 1024**3) -> None:
+    def __init__(self, root: Path, *, max_instance_bytes: int = 4 * 1024**3,
+                 tmp_name: str | None = None) -> None:
+        """``tmp_name``: this receiver's own folder under ``tmp/`` where several share
+        the spool (each clears only its own partial files at start)."""
         self.root = root.resolve()
-        self.tmp = self.root / "tmp"
+        self.tmp = self.root / "tmp" / tmp_name if tmp_name else self.root / "tmp"
         self.objects = self.root / "objects"
         self.results = self.root / "results"
         self.max_instance_bytes = max_instance_bytes

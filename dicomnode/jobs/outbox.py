@@ -81,10 +81,11 @@ class OutboxSender:
                              calling_aet=self.settings.node.ae_title,
                              timeout_s=self.settings.outbox.timeout_s,
                              tls=client_context_for(self.settings.security.tls, dest.name))
-        paths: list[Path] = []
-        for row in rows:
-            self.ledger.mark_sending(row.id)
-            paths.append(self.spool.path(row.path))
+        # another receiver sharing the ledger may have claimed some of them first
+        rows = [row for row in rows if self.ledger.mark_sending(row.id)]
+        if not rows:
+            return 0
+        paths: list[Path] = [self.spool.path(row.path) for row in rows]
         try:
             results = client.send(paths)
         except (AssociationFailed, OSError, RuntimeError, ValueError) as exc:

@@ -143,7 +143,7 @@ class JobRunner:
         return JobSpec(
             job_id=job.id, route=job.route, pipeline=job.pipeline, level=job.level,
             study_uid=job.study_uid, series_uids=job.series_uids, generation=job.generation,
-            instance_paths=paths, storage_root=str(self.settings.spool_dir.resolve()),
+            instance_paths=paths, storage_root=str(self.settings.spool_root.resolve()),
             models_dir=str(self.settings.models_dir.resolve()), options=options,
             plugins=dict(self.settings.pipelines), related_paths=related)
 
@@ -168,6 +168,16 @@ class JobRunner:
             if when is not None and abs((when - anchor).days) <= window:
                 chosen.append(series.series_uid)
         return tuple(p for _, p in self.ledger.instance_paths(chosen))
+
+    def run_claimed(self, job: JobRow, worker: _Worker) -> None:
+        """Run a job claimed elsewhere (a Celery task's ``Ledger.claim_job_id``) in
+        ``worker``'s child process, recording its outcome as the slots do."""
+        try:
+            self._run(job, worker)
+        except Exception:
+            log.exception("job %d: unexpected error in the runner", job.id)
+            self.ledger.fail_job(job.id, "runner error",
+                                 max_attempts=self.settings.jobs.max_attempts)
 
     def _loop(self, slot: int, worker: _Worker) -> None:
         while not self._stop.is_set():

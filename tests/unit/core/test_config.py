@@ -73,3 +73,21 @@ def test_check_config_cli_reports_errors_in_one_line_each(tmp_path: Path) -> Non
     ok = subprocess.run([sys.executable, "-m", "dicomnode.cli", "check-config", "--config",
                          str(DEFAULT_CONFIG)], capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0 and "OK" in ok.stdout
+
+
+def test_scale_out_settings_name_their_key(tmp_path: Path) -> None:
+    from dicomnode.config import parse_settings
+
+    settings = parse_settings({"ledger": {"url": "postgresql+psycopg://node@db:5432/dicomnode"},
+                               "jobs": {"engine": "celery", "broker": "redis://q:6379/0"},
+                               "node": {"storage": "/var/node", "spool": "/mnt/spool"}})
+    assert settings.jobs.engine == "celery" and settings.spool_root == Path("/mnt/spool")
+    assert "node@db" not in repr(settings)  # URLs may carry passwords
+    assert parse_settings({}).ledger.url is None and parse_settings({}).jobs.engine == \
+        "in-process"
+    with pytest.raises(ConfigError) as err:
+        parse_settings({"ledger": {"url": "mysql://u:secret@h/db"},
+                        "jobs": {"engine": "celery"}})
+    problems = "\n".join(err.value.problems)
+    assert "ledger.url" in problems and "jobs.broker" in problems
+    assert "secret" not in problems

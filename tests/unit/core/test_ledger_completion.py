@@ -301,3 +301,41 @@ def test_readonly_ledger_reads_but_never_writes(tmp_path: Path,
     assert writer.counts()["instances"] == {"stored": 1}
     reader.dispose()
     writer.dispose()
+
+
+def test_jobs_handed_to_workers_are_claimed_once_and_come_back_when_lost(
+        ledger: Ledger, clock: Clock) -> None:
+    """The Celery engine's states: dispatched once, claimed once per message however
+    often it is delivered, and a job whose worker was lost re-queued after its lease."""
+    t = tracker(ledger, [{"name": "dat", "match": {"Modality": "NM"}, "pipeline": "dat_spect"}])
+    for i in range(2):
+        ledger.record_instance(rec(f"1.{i}", series=f"1.2.3.{i}"))
+    clock.now += 11
+    t.sweep()
+    first, second = (j.id for j in ledger.jobs())
+    assert ledger.dispatch_jobs() == [first, second]
+    assert ledger.dispatch_jobs() == []  # published once
+    assert ledger.claim_job() is None  # the in-process engine takes only pending jobs
+    job = ledger.claim_job_id(first)
+    assert job is not None and job.state == "running" and job.attempts == 1
+    assert ledger.claim_job_id(first) is None  # the same message delivered again
+    clock.now += 29
+    assert ledger.expire_jobs(30, max_attempts=3) == (0, 0)
+    clock.now += 2  # the worker running `first` is gone; `second` was never claimed
+    assert ledger.expire_jobs(30, max_attempts=3) == (1, 1)
+    assert {j.id: (j.state, j.attempts) for j in ledger.jobs()} == {
+        first: ("pending", 1), second: ("pending", 0)}
+    assert ledger.dispatch_jobs() == [first, second]
+    job = ledger.claim_job_id(first)
+    assert job is not None and job.attempts == 2
+    ledger.finish_job(first, {}, [("9.1", "c", "1.2.3", "results/x.dcm")], ["pacs"])
+    ledger.finish_job(first, {}, [("9.1", "c", "1.2.3", "results/x.dcm")], ["pacs"])
+    assert ledger.claim_job_id(first) is None
+    assert len(ledger.outbox()) == 1  # a repeated result is queued once
+    # a re-opened series supersedes its queued job: the message then runs nothing
+    ledger.record_instance(rec("1.9", series="1.2.3.1"))
+    assert ledger.get_job(second).state == "superseded"  # type: ignore[union-attr]
+    assert ledger.claim_job_id(second) is None
+    # two senders sharing the ledger: only one claims a due result
+    (row,) = ledger.due_outbox()
+    assert ledger.mark_sending(row.id) and not ledger.mark_sending(row.id)
