@@ -243,9 +243,10 @@ class WorkerProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def kill(self, sig: int = signal.SIGKILL) -> int:
         """Signal the worker and every process it started (its analysis children): a
-        SIGKILL is a machine lost mid-job."""
+        SIGKILL is a machine lost mid-job, a SIGTERM a graceful stop. Returns the
+        worker's exit code."""
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
@@ -256,6 +257,7 @@ class WorkerProcess:
             self.proc.wait(10)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # children that outlived a SIGTERM
+        return int(self.proc.returncode)
 
 
 def start_worker(workdir: Path, config: dict[str, Any]) -> WorkerProcess:

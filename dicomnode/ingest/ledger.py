@@ -189,6 +189,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {2: ()}
 # writers from every process and machine are serialised as SQLite's BEGIN IMMEDIATE
 # serialises them, so each transition reads and writes one consistent state.
 _PG_WRITE_LOCK = 0x44434D4E  # "DCMN"
+_PG_BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})"
+_PG_BEGIN_NORMAL = f"{_PG_BEGIN}; SET LOCAL synchronous_commit TO off"
 
 
 def _ddl(dialect: Dialect) -> list[str]:
@@ -472,7 +474,12 @@ class Ledger:
     def _execute(self, sql: str, args: Sequence[Any] = ()) -> _Cursor:
         """One statement outside a write transaction (autocommit: reads see every
         committed write)."""
-        cursor: _Cursor = self._conn().execute(self._sql(sql), args)
+        try:
+            cursor: _Cursor = self._conn().execute(self._sql(sql), args)
+        except LEDGER_UNAVAILABLE:
+            if self.dialect != "sqlite":  # a lost server connection: reconnect next time
+                self.close()
+            raise
         return cursor
 
     def _conn(self) -> Any:
@@ -521,10 +528,8 @@ class Ledger:
                 if sqlite:
                     conn.execute("BEGIN IMMEDIATE")
                 else:
-                    conn.execute("BEGIN")
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_WRITE_LOCK,))
-                    if sync == "NORMAL":
-                        conn.execute("SET LOCAL synchronous_commit TO off")
+                    # one round trip (no parameters: the simple query protocol)
+                    conn.execute(_PG_BEGIN_NORMAL if sync == "NORMAL" else _PG_BEGIN)
                 yield _Tx(conn, self._sql)
             except BaseException:
                 self._rollback(conn)

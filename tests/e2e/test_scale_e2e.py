@@ -6,6 +6,7 @@ analysed, the killed job re-run once on the other worker, every result delivered
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def test_two_receivers_two_workers_one_killed_mid_job(
             assert sorted(r["SOPClassUID"] for r in results) == [SC_CLASS, SR_CLASS], study
         started = [len(_STARTED.findall(w.log_text())) for w in (victim, survivor)]
         assert started[0] >= 1 and started[0] + started[1] == len(studies) + 1, started
+        assert survivor.kill(signal.SIGTERM) == 0, "a worker stops cleanly on SIGTERM"
     finally:
         for w in workers:
             w.kill()

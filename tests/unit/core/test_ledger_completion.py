@@ -10,6 +10,7 @@ from dicomnode.config import CompletionSettings, parse_settings
 from dicomnode.ingest.completion import CompletionTracker, expected_instances
 from dicomnode.ingest.ledger import InstanceRecord, Ledger
 from dicomnode.routing.router import Router
+from tests.servers import Postgres
 
 
 class Clock:
@@ -339,3 +340,20 @@ def test_jobs_handed_to_workers_are_claimed_once_and_come_back_when_lost(
     # two senders sharing the ledger: only one claims a due result
     (row,) = ledger.due_outbox()
     assert ledger.mark_sending(row.id) and not ledger.mark_sending(row.id)
+
+
+def test_postgres_serialises_writers_and_commits_ingest_without_waiting_for_the_wal(
+        tmp_path: Path, pg_server: Postgres) -> None:
+    """The SQLite bargain on PostgreSQL: record_instance's transaction commits with
+    synchronous_commit off, every other transition with it on; each holds the advisory
+    write lock."""
+    ledger = Ledger(tmp_path / "unused.sqlite3", url=pg_server.create_database())
+    seen = {}
+    for sync in ("NORMAL", "FULL"):
+        with ledger._write(sync) as c:
+            seen[sync] = (c.execute("SHOW synchronous_commit").fetchone()[0],
+                          c.execute("SELECT count(*) FROM pg_locks WHERE locktype='advisory' "
+                                    "AND pid=pg_backend_pid()").fetchone()[0])
+    assert seen == {"NORMAL": ("off", 1), "FULL": ("on", 1)}
+    assert ledger._execute("SHOW synchronous_commit").fetchone()[0] == "on"
+    ledger.dispose()
