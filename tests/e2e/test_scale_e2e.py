@@ -30,6 +30,7 @@ from tests.servers import (
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 _STARTED = re.compile(r"job (\d+) \(dat-spect, dat_spect\) attempt (\d+)")
+_FINISHED = re.compile(r"job (\d+)(?: done| failed| timed out|: )")
 
 
 @pytest.fixture
@@ -72,16 +73,18 @@ def test_two_receivers_two_workers_one_killed_mid_job(
         storescu(receivers[0].port, paths[0::2])
         storescu(receivers[1].port, paths[1::2])
 
-        def a_worker_mid_job() -> tuple[WorkerProcess, int] | None:
-            for w in workers:
-                m = _STARTED.search(w.log_text())
-                if m is not None:
-                    return w, int(m[1])
-            return None
+        def unfinished(w: WorkerProcess) -> set[int]:
+            """Jobs this worker started and has not logged an outcome for."""
+            text = w.log_text()
+            return {int(m[1]) for m in _STARTED.finditer(text)} - {
+                int(m[1]) for m in _FINISHED.finditer(text)}
 
-        victim, killed_job = _wait_for(a_worker_mid_job, 120, "a worker to start a job",
-                                       interval=0.05)
+        def a_worker_mid_job() -> WorkerProcess | None:
+            return next((w for w in workers if unfinished(w)), None)
+
+        victim = _wait_for(a_worker_mid_job, 120, "a worker to start a job", interval=0.05)
         victim.kill()  # SIGKILL to the worker and its analysis child
+        (killed_job,) = unfinished(victim)
         survivor = next(w for w in workers if w is not victim)
         _wait_for(lambda: _settled(ledger, len(studies), 2), 300,
                   "every study analysed and its results confirmed")
