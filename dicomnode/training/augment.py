@@ -86,6 +86,9 @@ PRESETS: dict[str, Augmentation] = {
     # Geometry-preserving laterality (no flips) for findings whose side matters.
     "light": Augmentation(rotation_deg=8, translate=0.08, zoom=0.08, brightness=0.1,
                           contrast=0.1, noise_std=0.02),
+    # "light" plus left-right flips, for findings that may lie on either side (head CT).
+    "light-flip": Augmentation(rotation_deg=8, translate=0.08, zoom=0.08, hflip=0.5,
+                               brightness=0.1, contrast=0.1, noise_std=0.02),
 }
 
 

@@ -65,11 +65,13 @@ if TYPE_CHECKING:
     from dicomnode.phantoms.head_ct import HeadCtTruth
     from dicomnode.training.datasets import Assemble, DatasetSplits, Sample, SampleSet
     from dicomnode.training.heatmap_eval import HeatmapCase
+    from dicomnode.training.loop import TrainConfig
 
 __all__ = [
     "BRAIN_WINDOW",
     "CLASS_NAMES",
     "MIMIC_REPEAT",
+    "MIN_LESION_AREA_MM2",
     "NEGATIVE_FRACTION",
     "HeadCtPhantomReader",
     "HeadCtSeries",
@@ -78,6 +80,7 @@ __all__ = [
     "head_ct_phantoms",
     "metastasis_heatmap_metrics",
     "metastasis_spec",
+    "metastasis_train_config",
     "pool_by_patient",
 ]
 
@@ -88,6 +91,10 @@ BRAIN_WINDOW = (40.0, 80.0)
 NEGATIVE_FRACTION = 0.3
 #: Training only: how often a negative slice showing a calcification (a lesion mimic) is used.
 MIMIC_REPEAT = 4
+#: Training only: a positive slice whose lesion cross-section is smaller than this (mm²) is
+#: left out; a lesion's first or last slice often cuts only its cap (a few voxels), which
+#: the model cannot see at its input size, so "positive" there is label noise.
+MIN_LESION_AREA_MM2 = 12.0
 
 
 # --- preprocessing ---------------------------------------------------------------------------
@@ -108,6 +115,28 @@ def metastasis_spec(options: TaskOptions) -> PreprocessSpec:
     ])
 
 
+def metastasis_train_config(options: TaskOptions) -> TrainConfig:
+    """The shared classifier recipe, then two shorter stages at 1/3 and 1/10 of the rate.
+
+    At a constant rate the validation loss of this model swings by a factor of two from
+    epoch to epoch while the training loss still falls, so the best epoch is luck; each
+    lower-rate stage starts from the best weights so far (a step schedule as stages).
+    """
+    import dataclasses
+
+    from dicomnode.training.loop import REST, Stage
+
+    base = classifier_config(options)
+    if base.stages:
+        return base  # --stages seed002 brings its own schedule
+    lr = options.learning_rate
+    short = max(2, options.epochs // 4)
+    stages = (Stage("lr", options.epochs, ((REST, lr),)),
+              Stage("lr/3", short, ((REST, lr / 3),)),
+              Stage("lr/10", short, ((REST, lr / 10),)))
+    return dataclasses.replace(base, stages=stages)
+
+
 # --- phantom series --------------------------------------------------------------------------
 
 
@@ -122,6 +151,14 @@ class HeadCtSeries:
     @property
     def slice_labels(self) -> tuple[int, ...]:
         return tuple(int(v) for v in self.truth.slice_labels)
+
+    @property
+    def lesion_areas_mm2(self) -> tuple[float, ...]:
+        """Lesion cross-section of each slice in mm² (0 where the slice has none)."""
+        mask = self.truth.lesion_mask
+        counts = (mask.reshape(mask.shape[0], -1) > 0).sum(axis=1)
+        rows, cols = (float(v) for v in self.datasets[0].PixelSpacing)
+        return tuple(float(c) * rows * cols for c in counts)
 
     @property
     def mimic_slices(self) -> tuple[bool, ...]:
@@ -225,19 +262,21 @@ class HeadCtPhantomReader:
         return found
 
     def samples(self, seed: int, n: int, *, negative_fraction: float = 1.0,
-                mimic_repeat: int = 1) -> list[Sample]:
+                mimic_repeat: int = 1, min_lesion_area_mm2: float = 0.0) -> list[Sample]:
         """Register the set (seed, n) and list its slices as samples.
 
         With the defaults every slice is one sample. For training, ordinary negative
-        slices are kept with probability ``negative_fraction`` (seeded per series) and
+        slices are kept with probability ``negative_fraction`` (seeded per series),
         negative slices showing a lesion mimic appear ``mimic_repeat`` times (keys
-        ``...#1``, ``...#2``; the same slice).
+        ``...#1``, ``...#2``; the same slice), and positive slices whose lesion
+        cross-section is below ``min_lesion_area_mm2`` are left out (neither label fits).
         """
         from dicomnode.phantoms.common import item_rng
         from dicomnode.training.datasets import Sample
 
-        if not 0.0 < negative_fraction <= 1.0 or mimic_repeat < 1:
-            raise TrainingRunError("need 0 < negative_fraction <= 1 and mimic_repeat >= 1")
+        if not 0.0 < negative_fraction <= 1.0 or mimic_repeat < 1 or min_lesion_area_mm2 < 0:
+            raise TrainingRunError("need 0 < negative_fraction <= 1, mimic_repeat >= 1 and "
+                                   "min_lesion_area_mm2 >= 0")
         labels = head_ct_labels(seed, n)
         if self._labels.setdefault(seed, labels) != labels:
             raise TrainingRunError(f"phantom seed {seed} is already used with another set size")
@@ -245,12 +284,15 @@ class HeadCtPhantomReader:
         for index in range(n):
             series = self.series(seed, index)
             draws = item_rng("metastasis-slices", seed, index).random(len(series.datasets))
+            areas = series.lesion_areas_mm2 if min_lesion_area_mm2 else None
             for k, (label, mimic) in enumerate(zip(series.slice_labels, series.mimic_slices,
                                                    strict=True)):
                 key = f"phantom:{seed}:{index}:{k:03d}"
                 copies = 1
                 if not label:
                     copies = mimic_repeat if mimic else int(draws[k] < negative_fraction)
+                elif areas is not None and areas[k] < min_lesion_area_mm2:
+                    copies = 0
                 out.extend(Sample(key if r == 0 else f"{key}#{r}", series.patient_id, label,
                                   (), k) for r in range(copies))
         return out
@@ -275,6 +317,7 @@ def head_ct_phantoms(
     matrix: int = 256,
     negative_fraction: float = NEGATIVE_FRACTION,
     mimic_repeat: int = MIMIC_REPEAT,
+    min_lesion_area_mm2: float = MIN_LESION_AREA_MM2,
 ) -> DatasetSplits:
     """Train, val and test phantom patients, each part its own seed (its own patients).
 
@@ -294,7 +337,8 @@ def head_ct_phantoms(
                    f"dicomnode.phantoms.head_ct ({matrix}x{matrix}, 24-60 axial slices, "
                    f"metastases 3-30 mm: ring, solid, hypodense), slices labelled from the "
                    f"lesion masks; train seed {seed} (n={n_train} patients; every positive "
-                   f"slice, calcification slices x{mimic_repeat}, {negative_fraction:g} of "
+                   f"slice with a lesion cross-section of at least {min_lesion_area_mm2:g} "
+                   f"mm2, calcification slices x{mimic_repeat}, {negative_fraction:g} of "
                    f"other negative slices), val seed {val_seed} (n={n_val}), test seed "
                    f"{test_seed} (n={n_test}), every slice")
 
@@ -303,7 +347,8 @@ def head_ct_phantoms(
             samples: list[Sample] = []
         elif sampled:
             samples = reader.samples(part_seed, count, negative_fraction=negative_fraction,
-                                     mimic_repeat=mimic_repeat)
+                                     mimic_repeat=mimic_repeat,
+                                     min_lesion_area_mm2=min_lesion_area_mm2)
         else:
             samples = reader.samples(part_seed, count)
         return SampleSet(name, samples, spec, CLASS_NAMES, reader, description=description)
@@ -317,7 +362,8 @@ def head_ct_phantoms(
                     "unit": "slice", "patients": {"train": n_train, "val": n_val,
                                                   "test": n_test},
                     "training_slices": {"negative_fraction": negative_fraction,
-                                        "mimic_repeat": mimic_repeat},
+                                        "mimic_repeat": mimic_repeat,
+                                        "min_lesion_area_mm2": min_lesion_area_mm2},
                     "seeds": {"train": seed, "val": val_seed, "test": test_seed}})
 
 
@@ -422,7 +468,7 @@ register_task(Task(
     spec=metastasis_spec,
     datasets={"phantom": _phantoms},
     model=slice_classifier,
-    train_config=classifier_config,
+    train_config=metastasis_train_config,
     export_wrapper=with_cam,
     aggregate=pool_by_patient,
     package_metrics=metastasis_heatmap_metrics,

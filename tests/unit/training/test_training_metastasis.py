@@ -40,6 +40,7 @@ from dicomnode.training.heatmap_eval import (  # noqa: E402
 from dicomnode.training.tasks_metastasis import (  # noqa: E402
     CLASS_NAMES,
     MIMIC_REPEAT,
+    MIN_LESION_AREA_MM2,
     HeadCtPhantomReader,
     head_ct_heatmap_cases,
     head_ct_phantom_series,
@@ -104,12 +105,14 @@ def test_slice_samples_are_labelled_from_masks_and_split_by_patient() -> None:
         labels = [s.label for s in splits.val.samples if s.patient_id == series.patient_id]
         assert labels == list(series.slice_labels)
     for index in range(2):
-        series = reader.series(3, index)  # training: positives once, mimics repeated
+        series = reader.series(3, index)  # training: visible positives once, mimics repeated
         used = [s.index for s in splits.train.samples if s.patient_id == series.patient_id]
+        areas = series.lesion_areas_mm2
         for k, (label, mimic) in enumerate(zip(series.slice_labels, series.mimic_slices,
                                                strict=True)):
+            assert (areas[k] > 0) == bool(label)
             if label:
-                assert used.count(k) == 1
+                assert used.count(k) == int(areas[k] >= MIN_LESION_AREA_MM2)
             elif mimic:
                 assert used.count(k) == MIMIC_REPEAT
             else:
@@ -249,3 +252,15 @@ def test_heatmap_cases_are_the_positive_patients_with_slice_masks() -> None:
     assert len(case.images) == len(case.masks)
     assert any(m.any() for m in case.masks)
     assert all(m.shape == (MATRIX, MATRIX) for m in case.masks)
+
+
+def test_training_leaves_out_positive_slices_that_cut_only_a_lesion_cap() -> None:
+    reader = HeadCtPhantomReader(MATRIX)
+    every = reader.samples(3, 2, negative_fraction=0.5)
+    assert any(s.label for s in every)
+    areas = {s.key: reader.series(3, int(s.key.split(":")[2])).lesion_areas_mm2[s.index or 0]
+             for s in every if s.label}
+    cut = min(areas.values()) + 1e-6
+    kept = reader.samples(3, 2, negative_fraction=0.5, min_lesion_area_mm2=cut)
+    assert {s.key for s in kept if s.label} == {k for k, a in areas.items() if a >= cut}
+    assert [s.key for s in kept if not s.label] == [s.key for s in every if not s.label]
