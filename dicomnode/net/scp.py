@@ -48,6 +48,7 @@ from dicomnode.ingest.ledger import LEDGER_UNAVAILABLE, Ledger
 from dicomnode.ingest.parse import DatasetRejected, header_tags, read_instance
 from dicomnode.ingest.reconcile import build_record
 from dicomnode.ingest.spool import InstanceTooLarge, Spool, SpoolFull, SpoolTempFile
+from dicomnode.net import reactor
 from dicomnode.net.limits import Admission, ConnectionLimits, LogThrottle, PendingTicket
 from dicomnode.net.pdu_guard import (
     P_DATA_TF,
@@ -169,6 +170,7 @@ def configure_pynetdicom() -> None:
         cfg.LOG_HANDLER_LEVEL = "none"
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("pynetdicom.dul").addFilter(_quiet_after_guard_abort)
+        reactor.install()  # wake pynetdicom's polling loops on work, not a 1 ms tick
         messages: Any = pynetdicom.dimse_messages
         original = messages.NamedTemporaryFile
 
