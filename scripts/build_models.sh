@@ -119,7 +119,8 @@ build_tumour_seg() {
     # re-measures it with the pipeline's largest-3-D-component postprocessing and writes
     # the card's limitations. One stage: 120 phantoms, 40 epochs, lr 0.002 on a cosine
     # (the 0.1.0 recipe, 60 phantoms and 18 epochs, under-segmented large tumours:
-    # held-out mean Dice 0.76). ~56 min on the shared 2-core VM under load, one thread.
+    # held-out mean Dice 0.76). 40-56 min on the shared 2-core VM, one thread; rebuilt, the
+    # ONNX file is bit-identical (sha256 23a2bdf3...).
     run "$PYTHON" -m dicomnode.cli train tumour-seg --out "$OUT" "${COMMON[@]}" \
         --data phantom --seed 0 --n-train 120 --n-test 30 --size 96 --phantom-size 128 \
         --width 8 --epochs 40 --batch-size 8 --lr 0.002 --n-boot 2000 --version 0.2.0
