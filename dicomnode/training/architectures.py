@@ -173,6 +173,22 @@ class ResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    @property
+    def output_stride(self) -> tuple[int, int]:
+        """Input pixels per feature-map cell (rows, columns), as the strides now stand
+        (``--output-stride`` sets some to 1 after construction)."""
+        rows, cols = self.conv1.stride[0], self.conv1.stride[1]
+        pool = self.maxpool.stride
+        pool_rows, pool_cols = (pool, pool) if isinstance(pool, int) else (pool[0], pool[1])
+        rows, cols = rows * pool_rows, cols * pool_cols
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            first = layer[0]
+            if not isinstance(first, BasicBlock | Bottleneck):
+                raise TypeError(f"a ResNet stage starts with a {type(first).__name__}")
+            strided = first.conv2 if isinstance(first, Bottleneck) else first.conv1
+            rows, cols = rows * strided.stride[0], cols * strided.stride[1]
+        return rows, cols
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer1(x)

@@ -19,13 +19,17 @@ Linear / ReLU / LeakyReLU / Dropout / Identity / BatchNorm1d in reverse to get `
 every class at once, so the map is computed in the same forward pass and exports to
 ONNX as plain MatMul / Mul / Greater nodes.
 
-Maps are upsampled bilinearly (``align_corners=False``) to the input size and divided by
-their per-image, per-class maximum, so each lies in [0, 1] with 0 still meaning "no
-positive evidence" (a min-max stretch would turn a uniformly weak map into a full-scale
-one). A map whose peak is below ``CAM_EPS`` (or float16's smallest normal number)
-stays (near) zero. The un-normalised map at
-feature resolution can be exported too; it keeps the absolute scale for comparisons
-between images.
+Maps are upsampled bilinearly to the input size with each cell at the input pixel its
+receptive field is centred on, and divided by their per-image, per-class maximum, so
+each lies in [0, 1] with 0 still meaning "no positive evidence" (a min-max stretch would
+turn a uniformly weak map into a full-scale one). A map whose peak is below ``CAM_EPS``
+(or float16's smallest normal number) stays (near) zero. Cell ``j`` of a trunk of total
+stride ``S`` whose strided convs and pools are padded symmetrically (``k // 2``) is
+centred on input pixel ``S·j``, not on ``S·j + (S − 1)/2`` where
+``F.interpolate(align_corners=False)`` would put it: that half-pixel convention moved
+every map 3.5 px (stride 8) to 15.5 px (stride 32) down and to the right
+(:func:`upsample_cam`). The un-normalised map at feature resolution can be exported too;
+it keeps the absolute scale for comparisons between images.
 
 :func:`grad_cam` is the textbook hook-and-backward implementation, kept as the reference
 the exported maps are tested against.
@@ -33,6 +37,7 @@ the exported maps are tested against.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -53,6 +58,7 @@ __all__ = [
     "cam_maps",
     "grad_cam",
     "head_jacobian",
+    "upsample_cam",
 ]
 
 CAM_EPS = 1e-12
@@ -145,17 +151,60 @@ def _peak_floor(dtype: torch.dtype) -> float:
     return max(CAM_EPS, float(torch.finfo(dtype).tiny))
 
 
-def cam_maps(feature_map: Tensor, grads: Tensor, size: Sequence[int]) -> tuple[Tensor, Tensor]:
+def _infer_stride(pixels: int, cells: int) -> int:
+    # A ResNet halves each side with ceil (k // 2 padding), so cells = ceil(pixels / S) for
+    # a power-of-two S; the nearest power of two to pixels / cells is S for any input of at
+    # least S pixels.
+    return int(2 ** max(0, round(math.log2(pixels / cells))))
+
+
+def _interpolation_matrix(pixels: int, cells: int, stride: int, like: Tensor) -> Tensor:
+    """(pixels, cells): pixel ``x`` samples cell coordinate ``x / stride``, linearly,
+    clamped to the first and last cell (as bilinear upsampling clamps at the borders)."""
+    # Plain Python, one tensor at the end: the exporter then sees a single constant.
+    weights = [[0.0] * cells for _ in range(pixels)]
+    for x, row in enumerate(weights):
+        u = min(x / stride, float(cells - 1))
+        low = min(math.floor(u), cells - 1)
+        row[low] += 1.0 - (u - low)
+        row[min(low + 1, cells - 1)] += u - low
+    return torch.tensor(weights, dtype=like.dtype, device=like.device)
+
+
+def upsample_cam(raw: Tensor, size: Sequence[int], stride: int | Sequence[int] | None = None
+                 ) -> Tensor:
+    """(B, K, h, w) maps to (B, K, *size), cell ``(i, j)`` at input pixel ``(S·i, S·j)``.
+
+    ``stride`` is the trunk's total stride ``S`` (per axis, or one for both); None infers
+    it from the shapes. Two constant matrix products (MatMul in the exported graph):
+    torch's bilinear ``interpolate`` has no mode that samples at ``x / S``.
+    """
+    rows, cols = int(size[0]), int(size[1])
+    h, w = int(raw.shape[-2]), int(raw.shape[-1])
+    if stride is None:
+        strides = (_infer_stride(rows, h), _infer_stride(cols, w))
+    elif isinstance(stride, int):
+        strides = (stride, stride)
+    else:
+        strides = (int(stride[0]), int(stride[1]))
+    along_rows = _interpolation_matrix(rows, h, strides[0], raw)
+    along_cols = _interpolation_matrix(cols, w, strides[1], raw)
+    return torch.matmul(torch.matmul(along_rows, raw), along_cols.transpose(0, 1))
+
+
+def cam_maps(feature_map: Tensor, grads: Tensor, size: Sequence[int],
+             stride: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Grad-CAM from a feature map (B, C, h, w) and pooled-feature gradients (B, K, C).
 
     Returns the normalised maps (B, K, *size) in [0, 1] and the raw ReLU maps (B, K, h, w)
-    with ``α = g / (h·w)`` (see the module docstring).
+    with ``α = g / (h·w)`` (see the module docstring); ``stride`` as in
+    :func:`upsample_cam`.
     """
     height, width = feature_map.shape[2], feature_map.shape[3]
     alpha = grads / float(height * width)
     raw = torch.matmul(alpha, feature_map.flatten(2))
     raw = torch.relu(raw.reshape(raw.shape[0], raw.shape[1], height, width))
-    up = F.interpolate(raw, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
+    up = upsample_cam(raw, size, stride)
     peak = up.amax(dim=(2, 3), keepdim=True)
     return up / peak.clamp_min(_peak_floor(up.dtype)), raw
 
@@ -185,7 +234,8 @@ class WithCam(nn.Module):
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
         feature_map = self.model.features(image)
         logits, jac = head_jacobian(self.model.head, feature_map.mean(dim=(2, 3)))
-        cam, raw = cam_maps(feature_map, _select(jac, logits, self.target), image.shape[-2:])
+        cam, raw = cam_maps(feature_map, _select(jac, logits, self.target), image.shape[-2:],
+                            self.model.backbone.output_stride)
         return (logits, cam, raw) if self.include_raw else (logits, cam)
 
 
@@ -224,8 +274,8 @@ class FusionWithCam(nn.Module):
         grad_mr = torch.matmul(jac_z[:, :, embed_dim:], model.mr_proj.weight)
         grad_ct = grad_ct * presence[:, 0].reshape(-1, 1, 1)
         grad_mr = grad_mr * presence[:, 1].reshape(-1, 1, 1)
-        ct_cam, _ = cam_maps(ct_map, grad_ct, ct.shape[-2:])
-        mr_cam, _ = cam_maps(mr_map, grad_mr, mr.shape[-2:])
+        ct_cam, _ = cam_maps(ct_map, grad_ct, ct.shape[-2:], model.ct_encoder.output_stride)
+        mr_cam, _ = cam_maps(mr_map, grad_mr, mr.shape[-2:], model.mr_encoder.output_stride)
         return logits, model.stage_head(normed), model.risk_head(normed), ct_cam, mr_cam
 
 
@@ -255,13 +305,15 @@ def grad_cam(
     class_index: int | Sequence[int] | None = None,
     score: Callable[[Any], Tensor] = _identity_scores,
     size: Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
 ) -> GradCamResult:
     """Standard Grad-CAM (Selvaraju et al.) by forward/backward hooks on ``target_layer``.
 
     ``class_index`` None explains each sample's arg-max class. The per-sample scores are
     summed before one backward pass, which is exact because in eval mode no sample's score
-    depends on another sample's activations. Upsampling and normalisation are the same as
-    :func:`cam_maps`, so the two can be compared number for number.
+    depends on another sample's activations. Upsampling (``stride``: the total stride of
+    ``target_layer``, None infers it) and normalisation are the same as :func:`cam_maps`,
+    so the two can be compared number for number.
     """
     captured: dict[str, Tensor] = {}
 
@@ -295,8 +347,6 @@ def grad_cam(
     alpha = captured["grad"].detach().mean(dim=(2, 3), keepdim=True)
     raw = torch.relu((alpha * activation).sum(dim=1, keepdim=True))
     out_size = tuple(size) if size is not None else tuple(inputs[0].shape[-2:])
-    up = F.interpolate(
-        raw, size=(int(out_size[0]), int(out_size[1])), mode="bilinear", align_corners=False
-    )
+    up = upsample_cam(raw, out_size, stride)
     cam = up / up.amax(dim=(2, 3), keepdim=True).clamp_min(_peak_floor(up.dtype))
     return GradCamResult(cam=cam[:, 0], raw=raw[:, 0], class_index=index)

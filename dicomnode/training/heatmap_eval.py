@@ -189,9 +189,9 @@ def dilate(mask: NDArray[np.bool_], radius_px: int) -> NDArray[np.bool_]:
 def map_peak(cam: NDArray[np.floating[Any]]) -> tuple[int, int]:
     """The centre of the map's maximum: the centroid of the flat top around the arg-max.
 
-    Bilinear upsampling (``align_corners=False``) clamps at the borders, so a maximum in
-    an edge cell is a plateau reaching the image edge, and the first arg-max would sit in
-    the corner of it, pixels away from where the evidence is.
+    Bilinear upsampling (:func:`~dicomnode.training.gradcam.upsample_cam`) clamps at the
+    borders, so a maximum in an edge cell is a plateau reaching the image edge, and the
+    first arg-max would sit in the corner of it, pixels away from where the evidence is.
     """
     values = np.asarray(cam, dtype=np.float64)
     first = np.unravel_index(int(np.argmax(values)), values.shape)
