@@ -28,7 +28,7 @@ from pathlib import Path
 from dicomnode.ingest.completion import expected_instances
 from dicomnode.ingest.ledger import InstanceRecord, Ledger
 from dicomnode.ingest.parse import DatasetRejected, InstanceHeader, read_instance
-from dicomnode.ingest.spool import Spool, StoredFile
+from dicomnode.ingest.spool import Spool, StoredFile, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,6 @@ def build_record(header: InstanceHeader, stored: StoredFile, ledger: Ledger,
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def unclean_since(root: Path) -> float | None:
     """The previous run's start time when that run did not stop cleanly (its marker is
     still there), else None. An unreadable marker means: reconcile everything (0.0)."""
@@ -96,7 +88,7 @@ def mark_running(root: Path, now: float | None = None) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, marker)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def mark_stopped(root: Path, ledger: Ledger) -> None:
@@ -104,7 +96,7 @@ def mark_stopped(root: Path, ledger: Ledger) -> None:
     ledger.sync()
     with contextlib.suppress(FileNotFoundError):
         (root / MARKER).unlink()
-        _fsync_dir(root)
+        fsync_dir(root)
 
 
 @dataclass(frozen=True)

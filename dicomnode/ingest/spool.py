@@ -39,7 +39,8 @@ class StoredFile:
     created: bool  # False when identical bytes were already stored
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in this directory durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -180,9 +181,9 @@ class Spool:
         try:
             subdir.mkdir(mode=0o700, exist_ok=True)
             os.rename(temp.path, final)
-            _fsync_dir(subdir)
+            fsync_dir(subdir)
             if new_dir:
-                _fsync_dir(base)
+                fsync_dir(base)
         except OSError as exc:
             temp.discard()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
