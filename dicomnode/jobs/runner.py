@@ -171,7 +171,7 @@ class JobRunner:
 
     def run_claimed(self, job: JobRow, worker: _Worker) -> None:
         """Run a job claimed elsewhere (a Celery task's ``Ledger.claim_job_id``) in
-        ``worker``'s child process, recording its outcome as the slots do."""
+        ``worker``'s child process, recording its outcome; the in-process slots run their jobs through it too."""
         try:
             self._run(job, worker)
         except Exception:
@@ -188,11 +188,7 @@ class JobRunner:
                 continue
             self._running[slot] = job.id
             try:
-                self._run(job, worker)
-            except Exception:
-                log.exception("job %d: unexpected error in the runner", job.id)
-                self.ledger.fail_job(job.id, "runner error",
-                                     max_attempts=self.settings.jobs.max_attempts)
+                self.run_claimed(job, worker)
             finally:
                 self._running.pop(slot, None)
             if self.on_finished is not None:
