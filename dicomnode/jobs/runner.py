@@ -170,8 +170,8 @@ class JobRunner:
         return tuple(p for _, p in self.ledger.instance_paths(chosen))
 
     def run_claimed(self, job: JobRow, worker: _Worker) -> None:
-        """Run a job claimed elsewhere (a Celery task's ``Ledger.claim_job_id``) in
-        ``worker``'s child process, recording its outcome; the in-process slots run their jobs through it too."""
+        """Run a claimed job in ``worker``'s child process and record its outcome: for
+        the in-process slots and for a Celery task's ``Ledger.claim_job_id``."""
         try:
             self._run(job, worker)
         except Exception:
