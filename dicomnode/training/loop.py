@@ -102,6 +102,16 @@ class Stage:
         return dict(self.learning_rates)
 
 
+def decay_stages(learning_rate: float, epochs: int) -> tuple[Stage, ...]:
+    """A step schedule as stages: ``epochs`` at the rate, then two shorter stages (a
+    quarter of ``epochs``, at least 2) at 1/3 and 1/10 of it; the loop starts each stage
+    from the best weights so far."""
+    short = max(2, epochs // 4)
+    return (Stage("lr", epochs, ((REST, learning_rate),)),
+            Stage("lr/3", short, ((REST, learning_rate / 3),)),
+            Stage("lr/10", short, ((REST, learning_rate / 10),)))
+
+
 def seed002_stages(
     *,
     head_lr: float = 5e-5,

@@ -610,15 +610,11 @@ def decaying_train_config(options: TaskOptions) -> TrainConfig:
     at a constant rate while its training loss is still falling: the best epoch is then
     luck. Lower rates settle it (a step schedule expressed as the loop's stages).
     """
-    from dicomnode.training.loop import REST, Stage
+    from dicomnode.training.loop import decay_stages
 
     base = slice_train_config(options)
-    lr = options.learning_rate
-    short = max(2, options.epochs // 4)
-    stages = (Stage("lr", options.epochs, ((REST, lr),)),
-              Stage("lr/3", short, ((REST, lr / 3),)),
-              Stage("lr/10", short, ((REST, lr / 10),)))
-    return dataclasses.replace(base, stages=stages)
+    return dataclasses.replace(base, stages=decay_stages(options.learning_rate,
+                                                          options.epochs))
 
 
 def _with_cam(model: nn.Module) -> nn.Module:

@@ -124,17 +124,13 @@ def metastasis_train_config(options: TaskOptions) -> TrainConfig:
     """
     import dataclasses
 
-    from dicomnode.training.loop import REST, Stage
+    from dicomnode.training.loop import decay_stages
 
     base = classifier_config(options)
     if base.stages:
         return base  # --stages seed002 brings its own schedule
-    lr = options.learning_rate
-    short = max(2, options.epochs // 4)
-    stages = (Stage("lr", options.epochs, ((REST, lr),)),
-              Stage("lr/3", short, ((REST, lr / 3),)),
-              Stage("lr/10", short, ((REST, lr / 10),)))
-    return dataclasses.replace(base, stages=stages)
+    return dataclasses.replace(base, stages=decay_stages(options.learning_rate,
+                                                          options.epochs))
 
 
 # --- phantom series --------------------------------------------------------------------------
