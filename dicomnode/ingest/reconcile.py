@@ -107,14 +107,6 @@ class ReconcileReport:
     unreadable: int = 0  # files that no longer parse (kept, logged)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fp:
-        for chunk in iter(lambda: fp.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def reconcile(spool: Spool, ledger: Ledger, since: float, keywords: Sequence[str],
               keep: frozenset[int] | None = None) -> ReconcileReport:
     """Index spool objects written at or after ``since`` that the ledger does not know."""
@@ -138,7 +130,9 @@ def reconcile(spool: Spool, ledger: Ledger, since: float, keywords: Sequence[str
     # oldest first: a re-sent instance's newer version must end up as the current one
     for _, path in sorted(unknown):
         digest = path.name[:-4]
-        if _sha256(path) != digest:
+        with path.open("rb") as fp:
+            actual = hashlib.file_digest(fp, "sha256").hexdigest()
+        if actual != digest:
             # the spool fsyncs before it renames, so this is damage, not a receive that
             # was cut short: keep the bytes for a person to look at, never index them
             log.error("spool object %s does not match its content hash; not indexed",
