@@ -35,6 +35,18 @@ def _missing(message: str) -> None:
     pytest.skip(message)
 
 
+def _stop(proc: subprocess.Popen[Any], workdir: Path) -> None:
+    """SIGTERM, SIGKILL after 30 s, then remove the server's temporary folder."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _pg_bin(name: str) -> str:
     """A PostgreSQL server program: Debian keeps them off PATH, under one version's bin."""
     found = shutil.which(name) or next(iter(sorted(
@@ -68,14 +80,7 @@ class Postgres:
         return self.url(name)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: smart shutdown
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        _stop(self.proc, self.workdir)  # SIGTERM: PostgreSQL's smart shutdown
 
 
 def _as_server_user(argv: list[str], user: str) -> list[str]:
@@ -143,14 +148,7 @@ class Redis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        _stop(self.proc, self.workdir)
 
 
 def start_redis() -> Redis:
