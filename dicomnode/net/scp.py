@@ -48,7 +48,7 @@ from dicomnode.ingest.ledger import LEDGER_UNAVAILABLE, Ledger
 from dicomnode.ingest.parse import DatasetRejected, header_tags, read_instance
 from dicomnode.ingest.reconcile import build_record
 from dicomnode.ingest.spool import InstanceTooLarge, Spool, SpoolFull, SpoolTempFile
-from dicomnode.net import reactor
+from dicomnode.net import dimse_fast, reactor
 from dicomnode.net.limits import Admission, ConnectionLimits, LogThrottle, PendingTicket
 from dicomnode.net.pdu_guard import (
     P_DATA_TF,
@@ -171,6 +171,7 @@ def configure_pynetdicom() -> None:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("pynetdicom.dul").addFilter(_quiet_after_guard_abort)
         reactor.install()  # wake pynetdicom's polling loops on work, not a 1 ms tick
+        dimse_fast.install()  # C-STORE-RSP encoded directly, not through pydicom
         messages: Any = pynetdicom.dimse_messages
         original = messages.NamedTemporaryFile
 
