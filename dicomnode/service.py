@@ -16,8 +16,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import dcmread
 
 from dicomnode.config import Settings
-from dicomnode.history.jobs import HistoryService
-from dicomnode.history.timeline import measurement_from_job
+from dicomnode.history.jobs import HistoryService, volume_follow_up
 from dicomnode.ingest.completion import CompletionTracker
 from dicomnode.ingest.ledger import JobRow, Ledger
 from dicomnode.ingest.reconcile import mark_running, mark_stopped, reconcile, unclean_since
@@ -73,7 +72,7 @@ class Node:
         self.scp = StoreSCP(settings, self.spool, self.ledger, events=self.ops)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.history = HistoryService(settings, self.ledger, self.spool,
-                                      on_queued=self._kick_outbox)
+                                      on_queued=self._kick_outbox, events=self.ops)
         self._stopped = threading.Event()
         # held by an outbox kick and by stop(): no kick reaches the scheduler once it stops
         # (its shutdown holds the job-store lock until running jobs end: a history job
@@ -130,12 +129,21 @@ class Node:
 
     def _job_done(self, job: JobRow, summary: Mapping[str, Any],
                   outputs: Sequence[tuple[str, str, str, str]]) -> None:
-        measurement = measurement_from_job(summary, outputs, job.study_uid)
-        if measurement is None:
-            return
-        patient_key = self.ledger.study_patient_key(job.study_uid)
-        if patient_key is not None:
-            self.history.volume_measured(patient_key, measurement)
+        """A job finished here (in-process engine): its volume goes through the ledger,
+        as one finished on a worker does, and is taken at once."""
+        if volume_follow_up(self.ledger, job, summary, outputs):
+            self._take_history()
+
+    def _take_history(self) -> None:
+        """History requests from the ledger, whichever process filed them; none once
+        stopping (they stay in the ledger for the next start)."""
+        with self._kick_lock:
+            if self._stopped.is_set():
+                return
+            try:
+                self.history.take_requests()
+            except Exception:
+                log.exception("taking history requests failed")
 
     def start(self) -> None:
         self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +172,9 @@ class Node:
         self.scheduler.add_job(self._pump, "interval", id="outbox",
                                seconds=self.settings.outbox.interval_s,
                                max_instances=1, coalesce=True, next_run_time=now)
+        self.scheduler.add_job(self._take_history, "interval", id="history-requests",
+                               seconds=1.0, max_instances=1, coalesce=True,
+                               next_run_time=now)
         self.history.install(self.scheduler)
         self.scheduler.start()
         self.runner.start()

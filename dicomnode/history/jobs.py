@@ -10,6 +10,14 @@ restart neither forgets a pending run nor runs the nightly job twice:
   timeline, inside the off-peak window (``query.off_peak``), so priors that were missing
   or could not be fetched in the day are picked up.
 
+A finished job's volume reaches the scheduler through the ledger, so it does not matter
+which process finished the job (``serve`` or a ``dicomnode worker`` on another machine):
+that process records the timeline point and files a ``history_requests`` row
+(:func:`volume_follow_up`); every receiver takes unclaimed requests each second
+(:meth:`HistoryService.take_requests`) and exactly one of them schedules the volume
+job. The nightly run is claimed per date in the ledger (``claims``), so with several
+receivers one of them runs it.
+
 Stored jobs name module-level functions (``run_volume_job``, ``run_nightly_job``) and
 string arguments only, which is what survives pickling across restarts; the functions
 act on the running node's :class:`HistoryService`, registered by ``Node.start``.
@@ -18,11 +26,14 @@ act on the running node's :class:`HistoryService`, registered by ``Node.start``.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -36,12 +47,14 @@ from dicomnode.history.timeline import (
     GROWTH_ALGORITHM_NAME,
     VolumeMeasurement,
     growth_timeline,
+    measurement_from_job,
     parse_study_date,
     record_measurement,
 )
-from dicomnode.ingest.ledger import Ledger, TimelineRow
+from dicomnode.ingest.ledger import JobRow, Ledger, TimelineRow
 from dicomnode.ingest.spool import Spool
 from dicomnode.jobs.execute import encode, validate_object
+from dicomnode.ops.events import NO_EVENTS, NodeEvents
 from dicomnode.results.common import AlgorithmInfo
 from dicomnode.results.growth import HistoryPoint, build_growth_plot, build_growth_report
 from dicomnode.results.uids import derive_uid
@@ -54,6 +67,7 @@ __all__ = [
     "HistoryService",
     "run_nightly_job",
     "run_volume_job",
+    "volume_follow_up",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,6 +97,30 @@ def run_nightly_job() -> None:
     service.run_nightly()
 
 
+def volume_follow_up(ledger: Ledger, job: JobRow, summary: Mapping[str, Any],
+                     outputs: Sequence[tuple[str, str, str, str]]) -> bool:
+    """What any process that finished a job does with it (the runner's ``on_done``):
+    a measured volume becomes a timeline point and a history request in the ledger,
+    which a receiver takes (:meth:`HistoryService.take_requests`). True if filed."""
+    measurement = measurement_from_job(summary, outputs, job.study_uid)
+    if measurement is None:
+        return False
+    patient_key = ledger.study_patient_key(job.study_uid)
+    if patient_key is None:
+        return False
+    record_measurement(ledger, patient_key, measurement)
+    return ledger.request_history(job.id, patient_key, measurement.study_uid)
+
+
+def default_holder() -> str:
+    """Who claims in the ledger: this process on this machine."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def volume_job_id(patient_key: str, study_uid: str) -> str:
+    return f"volume-{patient_key}-{derive_uid(study_uid)[-12:]}"
+
+
 @dataclass
 class HistoryOutcome:
     priors: PriorsReport | None = None
@@ -96,14 +134,16 @@ class HistoryService:
     def __init__(self, settings: Settings, ledger: Ledger, spool: Spool, *,
                  forecaster: GrowthForecaster | None = None,
                  now: Callable[[], datetime] = datetime.now,
-                 on_queued: Callable[[], None] | None = None) -> None:
+                 on_queued: Callable[[], None] | None = None,
+                 events: NodeEvents = NO_EVENTS, holder: str | None = None) -> None:
         self.settings = settings
+        self.holder = holder or default_holder()
         self.ledger = ledger
         self.spool = spool
         self.forecaster = forecaster
         self.now = now
         self.on_queued = on_queued
-        self.fetcher = PriorsFetcher(settings, ledger, spool, now=now)
+        self.fetcher = PriorsFetcher(settings, ledger, spool, now=now, events=events)
         self.scheduler: object | None = None
         self._patient_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
@@ -143,15 +183,35 @@ class HistoryService:
         """The entry point for a finished tumour_volume job: cache the point, schedule
         priors and growth for the patient. Returns whether the point was new."""
         added = record_measurement(self.ledger, patient_key, measurement)
+        self.schedule_patient(patient_key, measurement.study_uid)
+        return added
+
+    def schedule_patient(self, patient_key: str, study_uid: str) -> str | None:
+        """Schedule the patient's priors and growth run now (one job per patient and
+        study: scheduling it again replaces it). Returns the job id, None when no
+        scheduler is installed."""
         from apscheduler.schedulers.base import BaseScheduler
 
-        if isinstance(self.scheduler, BaseScheduler):
-            job_id = f"volume-{patient_key}-{derive_uid(measurement.study_uid)[-12:]}"
-            self.scheduler.add_job("dicomnode.history.jobs:run_volume_job", "date",
-                                   run_date=datetime.now(UTC), args=[patient_key], id=job_id,
-                                   jobstore=JOBSTORE, replace_existing=True,
-                                   misfire_grace_time=None, coalesce=True)
-        return added
+        if not isinstance(self.scheduler, BaseScheduler):
+            return None
+        job_id = volume_job_id(patient_key, study_uid)
+        self.scheduler.add_job("dicomnode.history.jobs:run_volume_job", "date",
+                               run_date=datetime.now(UTC), args=[patient_key], id=job_id,
+                               jobstore=JOBSTORE, replace_existing=True,
+                               misfire_grace_time=None, coalesce=True)
+        return job_id
+
+    def take_requests(self) -> int:
+        """Claim the ledger's unclaimed history requests (filed by whichever process
+        finished a volume job) and schedule each; returns how many. Claimed before
+        scheduled: a receiver that dies in between leaves the patient to the nightly
+        run, never to two receivers at once."""
+        requests = self.ledger.claim_history_requests(self.holder)
+        for patient_key, study_uid in requests:
+            self.schedule_patient(patient_key, study_uid)
+        if requests:
+            log.info("history: %d new volume(s) scheduled", len(requests))
+        return len(requests)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -169,6 +229,10 @@ class HistoryService:
                 log.info("nightly history: outside the off-peak window %s; nothing moved",
                          self.settings.query.off_peak)
                 return
+        if not self.ledger.claim_once(f"{NIGHTLY_JOB_ID}:{now.date().isoformat()}",
+                                      self.holder):
+            log.info("nightly history: already run today by another receiver")
+            return
         patients = self.ledger.timeline_patients()
         log.info("nightly history: %d patient(s) with a timeline", len(patients))
         for patient_key in patients:

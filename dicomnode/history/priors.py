@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from datetime import time as clock_time
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -55,10 +56,12 @@ from dicomnode.ingest.ledger import Ledger, RetrieveEvent
 from dicomnode.ingest.spool import Spool
 from dicomnode.net.qr import MoveResult, QueryClient, QueryError, StoreHandler
 from dicomnode.net.scp import StoreSCP
+from dicomnode.ops.events import NO_EVENTS, NodeEvents
 from dicomnode.results.common import SERIES_DESCRIPTION_PREFIX
 
 __all__ = [
     "MoveThrottle",
+    "ObservedRetrieve",
     "OffPeakWindow",
     "PatientIdentity",
     "PriorsFetcher",
@@ -218,14 +221,50 @@ def _multi(value: object) -> list[str]:
     return [str(value)]
 
 
+class ObservedRetrieve:
+    """Answers the C-STORE sub-operations of one retrieve on the node's own association
+    (C-GET) with the node's store, and tells operations as the listener does for a
+    caller's association: metrics per instance, and, once the retrieve ends, one audit
+    ``association`` record and a ``store`` record per study (``retrieve: C-GET``)."""
+
+    def __init__(self, handle_store: StoreHandler, events: NodeEvents, peer_ae: str,
+                 address: str, operation: str) -> None:
+        self.handle_store = handle_store
+        self.events = events
+        self.peer_ae = peer_ae
+        self.address = address
+        self.operation = operation
+        self._assoc: Any = None
+
+    def __call__(self, event: Any) -> Any:
+        if self._assoc is None:
+            self._assoc = event.assoc
+            peer = event.assoc.acceptor  # the node requested; the PACS sends
+            self.events.retrieve_started(event.assoc,
+                                         str(peer.ae_title).strip() or self.peer_ae,
+                                         str(peer.address or self.address), self.operation)
+        started = time.monotonic()
+        status = self.handle_store(event)
+        self.events.store_answered(event.assoc, int(status) if isinstance(status, int)
+                                   else int(status.Status), time.monotonic() - started)
+        return status
+
+    def closed(self) -> None:
+        if self._assoc is not None:
+            self.events.association_closed(self._assoc)
+            self._assoc = None
+
+
 class PriorsFetcher:
     """Finds and retrieves one patient's priors from the configured query source."""
 
     def __init__(self, settings: Settings, ledger: Ledger, spool: Spool, *,
                  throttle: MoveThrottle | None = None,
                  now: Callable[[], datetime] = datetime.now,
-                 handle_store: StoreHandler | None = None) -> None:
+                 handle_store: StoreHandler | None = None,
+                 events: NodeEvents = NO_EVENTS) -> None:
         self.settings = settings
+        self.events = events
         self.ledger = ledger
         self.spool = spool
         self.query = settings.query
@@ -239,7 +278,8 @@ class PriorsFetcher:
     def handle_store(self) -> StoreHandler:
         """What answers C-GET sub-operations: the node's own durable C-STORE handler."""
         if self._handle_store is None:
-            self._handle_store = StoreSCP(self.settings, self.spool, self.ledger).handle_store
+            self._handle_store = StoreSCP(self.settings, self.spool, self.ledger,
+                                          events=self.events).handle_store
         return self._handle_store
 
     def client(self) -> QueryClient:
@@ -471,11 +511,15 @@ class PriorsFetcher:
                              f"{_named('C-GET', exc)}") from exc
 
     def _get(self, client: QueryClient, study_uid: str, series_uid: str) -> MoveResult:
+        observed = ObservedRetrieve(self.handle_store(), self.events, client.called_aet,
+                                    client.host, "C-GET")
         try:
             return client.get(study_uid=study_uid, series_uids=[series_uid],
-                              handle_store=self.handle_store(), spool=self.spool)
+                              handle_store=observed, spool=self.spool)
         except QueryError as exc:
             raise QueryError(_named("C-GET", exc)) from exc
+        finally:
+            observed.closed()
 
     def _monotonic_deadline(self, deadline: float | None) -> float | None:
         if deadline is None:

@@ -49,12 +49,13 @@ from sqlalchemy.engine import Dialect, Engine, make_url
 from sqlalchemy.pool import NullPool
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # The schema, as SQLAlchemy Core tables: one definition that compiles to SQLite's and
 # PostgreSQL's DDL (an INTEGER PRIMARY KEY becomes SERIAL there, Float DOUBLE PRECISION).
-# Version 2 added timeline_points and retrieve_events; an older ledger gains the tables
-# it lacks on open (CREATE ... IF NOT EXISTS), its existing rows untouched.
+# Version 2 added timeline_points and retrieve_events, version 3 history_requests and
+# claims; an older ledger gains the tables it lacks on open (CREATE ... IF NOT EXISTS),
+# its existing rows untouched.
 _META = MetaData()
 _TEXT, _INT, _REAL = Text(), Integer(), Float()
 
@@ -181,9 +182,28 @@ Table("retrieve_events", _META,
       Column("at", _REAL, nullable=False),
       Index("retrieve_patient", "patient_key", "id"))
 
+# A finished job's new volume, for a receiver to schedule the patient's history: filed
+# by whichever process finished the job (``serve`` or a worker), taken by one receiver.
+Table("history_requests", _META,
+      Column("id", _INT, primary_key=True),
+      Column("job_id", _INT, nullable=False),
+      Column("patient_key", _TEXT, nullable=False),
+      Column("study_uid", _TEXT, nullable=False),
+      Column("requested_at", _REAL, nullable=False),
+      Column("claimed_at", _REAL),
+      Column("claimed_by", _TEXT),
+      UniqueConstraint("job_id", "patient_key", "study_uid"),
+      Index("history_requests_open", "claimed_at", "id"))
+# Work that one process of all that share the ledger may do (``claim_once``): the key
+# names it, e.g. the nightly history run of a date.
+Table("claims", _META,
+      Column("key", _TEXT, primary_key=True),
+      Column("holder", _TEXT, nullable=False),
+      Column("claimed_at", _REAL, nullable=False))
+
 # Statements that change existing tables, by the schema version that needs them, in the
 # portable SQL of ``Ledger._sql``; new tables and indexes come from ``_META``.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {2: ()}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {2: (), 3: ()}
 
 # Every write transaction on PostgreSQL first takes this transaction-scoped advisory lock:
 # writers from every process and machine are serialised as SQLite's BEGIN IMMEDIATE
@@ -1035,6 +1055,43 @@ class Ledger:
             sql += " WHERE patient_key=?"
             args = (patient_key,)
         return [RetrieveEvent(*r) for r in self._execute(sql + " ORDER BY id", args)]
+
+    def request_history(self, job_id: int, patient_key: str, study_uid: str) -> bool:
+        """File a new volume's history run for a receiver to take; False if this job
+        already filed it (a job finished twice files once)."""
+        with self._write() as c:
+            return c.execute("INSERT INTO history_requests (job_id, patient_key, study_uid, "
+                             "requested_at) VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
+                             (job_id, patient_key, study_uid, self.clock())).rowcount == 1
+
+    def claim_history_requests(self, holder: str, limit: int = 100) -> list[tuple[str, str]]:
+        """Take the unclaimed history requests, oldest first: (patient key, study uid)
+        each, given to exactly one caller of all that share the ledger."""
+        if self._execute("SELECT 1 FROM history_requests WHERE claimed_at IS NULL "
+                         "LIMIT 1").fetchone() is None:
+            return []  # the common case, without taking the write lock
+        with self._write() as c:
+            rows = c.execute("SELECT id, patient_key, study_uid FROM history_requests "
+                             "WHERE claimed_at IS NULL ORDER BY id LIMIT ?",
+                             (limit,)).fetchall()
+            now = self.clock()
+            for row in rows:
+                c.execute("UPDATE history_requests SET claimed_at=?, claimed_by=? WHERE id=?",
+                          (now, holder[:200], row[0]))
+        return [(str(r[1]), str(r[2])) for r in rows]
+
+    def history_requests(self) -> list[tuple[int, str, str, str | None]]:
+        """Every request: (job id, patient key, study uid, claimed by or None)."""
+        return [(int(r[0]), str(r[1]), str(r[2]), None if r[3] is None else str(r[3]))
+                for r in self._execute("SELECT job_id, patient_key, study_uid, claimed_by "
+                                       "FROM history_requests ORDER BY id")]
+
+    def claim_once(self, key: str, holder: str) -> bool:
+        """True for the first caller with this key, of all processes sharing the ledger."""
+        with self._write() as c:
+            return c.execute("INSERT INTO claims (key, holder, claimed_at) VALUES (?,?,?) "
+                             "ON CONFLICT DO NOTHING",
+                             (key, holder[:200], self.clock())).rowcount == 1
 
     def queue_results(self, outputs: Sequence[tuple[str, str, str, str]],
                       destinations: Sequence[str]) -> int:

@@ -7,7 +7,9 @@ roles). The patient participant's ParticipantObjectID is the node's salted hash 
 Patient ID (and issuer), never the Patient ID itself: a receiver can correlate records
 of one patient without the trail revealing who it is.
 
-Mapping: ``store`` -> 110104 DICOM Instances Transferred (C, the caller is the source);
+Mapping: ``store`` -> 110104 DICOM Instances Transferred (C, the caller is the source
+and the requestor; for a ``retrieve: C-GET`` store the PACS is the source and the node,
+which asked, the requestor);
 ``send`` -> 110104 (R, the node is the source); ``analysis`` -> 110103 DICOM Instances
 Accessed (R); ``association-rejected`` -> 110113 Security Alert / 110126 Node
 Authentication; ``application`` -> 110100 Application Activity / 110120 Start or 110121
@@ -131,9 +133,11 @@ def audit_message(record: AuditRecord, *, node_ae: str, source_id: str) -> ET.El
         ET.SubElement(ev, "EventOutcomeDescription").text = str(d["why"])[:500]
     pid = str(d.get("pid", os.getpid()))
     if kind == "store":
-        _participant(msg, str(d.get("calling_ae", "")), requestor=True, role=ROLE_SOURCE,
-                     address=str(d.get("address") or "") or None)
-        _participant(msg, node_ae, requestor=False, role=ROLE_DESTINATION, alternative=pid)
+        retrieved = d.get("retrieve") is not None  # C-GET: the node asked, the PACS sent
+        _participant(msg, str(d.get("calling_ae", "")), requestor=not retrieved,
+                     role=ROLE_SOURCE, address=str(d.get("address") or "") or None)
+        _participant(msg, node_ae, requestor=retrieved, role=ROLE_DESTINATION,
+                     alternative=pid)
     elif kind == "send":
         _participant(msg, node_ae, requestor=True, role=ROLE_SOURCE, alternative=pid)
         _participant(msg, str(d.get("destination_ae", "")), requestor=False,

@@ -2,7 +2,10 @@
 
 The DICOM listener, the job runner and the outbox call these at the moments that
 matter (an association accepted or refused, an instance stored, a job finished, a send
-answered). Calls made on an association thread must stay cheap: counters and an
+answered). A retrieve the node asked for (C-GET: the PACS stores on the node's own
+association) is told as ``retrieve_started`` at its first store, then the same
+``instance_stored``/``store_answered`` and ``association_closed`` as a caller's
+association. Calls made on an association thread must stay cheap: counters and an
 in-memory append, never a database write or an fsync (see ``dicomnode.ops.observer``).
 """
 
@@ -23,6 +26,9 @@ class NodeEvents(Protocol):
     def association_rejected(self, calling_ae: str, address: str, reason: str) -> None: ...
 
     def association_closed(self, assoc: Any) -> None: ...
+
+    def retrieve_started(self, assoc: Any, peer_ae: str, address: str,
+                         operation: str) -> None: ...
 
     def instance_stored(self, assoc: Any, record: InstanceRecord, outcome: str) -> None: ...
 
@@ -47,6 +53,10 @@ class NoEvents:
         return None
 
     def association_closed(self, assoc: Any) -> None:
+        return None
+
+    def retrieve_started(self, assoc: Any, peer_ae: str, address: str,
+                         operation: str) -> None:
         return None
 
     def instance_stored(self, assoc: Any, record: InstanceRecord, outcome: str) -> None:

@@ -36,10 +36,11 @@ class _StudyTally:
 
 @dataclass
 class _AssociationTally:
-    calling_ae: str
+    calling_ae: str  # the AE that sent the instances
     address: str
     studies: dict[str, _StudyTally] = field(default_factory=dict)
     failed: int = 0
+    retrieve: str | None = None  # "C-GET" when the node opened the association
 
 
 def config_digest(settings: Settings) -> str:
@@ -94,6 +95,12 @@ class Operations:
         self.audit.append("association-rejected", MINOR_FAILURE, calling_ae=calling_ae,
                           address=address, why=reason, pid=self._pid)
 
+    def retrieve_started(self, assoc: Any, peer_ae: str, address: str,
+                         operation: str) -> None:
+        """The node's own retrieve association (C-GET) began storing: tallied like a
+        caller's association, so its stores are audited the same way when it ends."""
+        setattr(assoc, _TALLY_ATTR, _AssociationTally(peer_ae, address, retrieve=operation))
+
     def instance_stored(self, assoc: Any, record: InstanceRecord, outcome: str) -> None:
         self.metrics.instances.labels(outcome).inc()
         self.metrics.bytes.inc(record.size)
@@ -121,17 +128,19 @@ class Operations:
         if tally is None:
             return
         setattr(assoc, _TALLY_ATTR, None)
+        via: dict[str, Any] = {"retrieve": tally.retrieve} if tally.retrieve else {}
         self.audit.append("association", SUCCESS if not tally.failed else MINOR_FAILURE,
                           calling_ae=tally.calling_ae, address=tally.address,
                           studies=len(tally.studies),
                           instances=sum(s.instances for s in tally.studies.values()),
                           failed_stores=tally.failed, pid=self._pid,
-                          why=f"{tally.failed} store(s) refused" if tally.failed else None)
+                          why=f"{tally.failed} store(s) refused" if tally.failed else None,
+                          **via)
         for study_uid, s in tally.studies.items():
             self.audit.append("store", calling_ae=tally.calling_ae, address=tally.address,
                               study_uid=study_uid, patient_key=s.patient_key,
                               instances=s.instances, bytes=s.bytes,
-                              sop_classes=dict(s.sop_classes), pid=self._pid)
+                              sop_classes=dict(s.sop_classes), pid=self._pid, **via)
 
     # -- off the association thread --------------------------------------------------
 

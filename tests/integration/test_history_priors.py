@@ -8,7 +8,7 @@ study. The PACS also misbehaves: it forgets the node (move refused), purges a re
 between the C-FIND that counted it and the C-MOVE (the retrieve stops early), and
 answers too slowly (a total timeout). A PACS that never knew the node is served by
 C-GET instead (the move refused, then C-GET; or C-GET only), with the same early-stop
-check.
+check, and each C-GET association audited and counted as the listener's are.
 """
 
 from __future__ import annotations
@@ -342,6 +342,17 @@ def test_a_pacs_that_does_not_know_the_node_answers_a_c_get_instead(
         for _, rel in node.ledger.instance_paths([str(a.header(0).SeriesInstanceUID)]):
             assert str(a.header(0).SeriesInstanceUID) not in rel
             assert node.spool.path(rel).is_file()
+        # each C-GET association is audited as the listener's are, sender the PACS
+        node.audit.flush()
+        gets = [r.detail for r in node.audit.records(kind="store", limit=1000)
+                if r.detail.get("retrieve") == "C-GET"]
+        assert sorted(d["instances"] for d in gets) == [1, 1, n_images]
+        assert {(d["calling_ae"], d["patient_key"]) for d in gets} == {(pacs.aet, patient_key)}
+        assert len([r for r in node.audit.records(kind="association", limit=1000)
+                    if r.detail.get("retrieve") == "C-GET"]) == 3
+        received = node.ops.metrics.registry.get_sample_value(
+            "dicomnode_instances_received_total", {"outcome": "new"})
+        assert received == node.ledger.counts()["instances"]["stored"]
         refused = [r.getMessage() for r in caplog.records
                    if "refused the C-MOVE" in r.getMessage()]
         assert len(refused) == 1 and refusal in refused[0]

@@ -166,3 +166,91 @@ def test_a_nightly_time_outside_the_off_peak_window_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"query.nightly: 12:00 lies outside query.off_peak"):
         parse_settings({"query": {"nightly": "12:00", "off_peak": "22:00-06:00"}})
     assert parse_settings({"query": {"nightly": "23:30", "off_peak": "22:00-06:00"}})
+
+
+def test_the_nightly_run_is_claimed_once_per_date_by_one_of_several_receivers(
+        tmp_path: Path) -> None:
+    """Receivers sharing a ledger, each with ``query.source`` and its own scheduler: only
+    the first to reach the nightly run of a date runs it."""
+    night = datetime(2026, 3, 1, 23, 0)
+    first, ledger = _history(tmp_path, "22:00-06:00", night)
+    second, _ = _history(tmp_path, "22:00-06:00", night)
+    first.holder, second.holder = "r1", "r2"
+    first.run_nightly()
+    second.run_nightly()
+    (event,) = ledger.retrieve_events()  # one receiver tried the one patient
+    assert event.patient_key == "pk"
+    assert not ledger.claim_once("history-nightly:2026-03-01", "r3")
+    second.now = lambda: datetime(2026, 3, 2, 23, 0)  # the next night is its own claim
+    second.run_nightly()
+    assert len(ledger.retrieve_events()) == 2
+
+
+def test_a_volume_finished_anywhere_is_scheduled_by_exactly_one_receiver(
+        tmp_path: Path, ledger_url: str | None) -> None:
+    """A worker (any process sharing the ledger) files the finished job's volume; two
+    receivers take requests at the same moment; one schedules the patient's history."""
+    from apscheduler.jobstores.memory import MemoryJobStore
+    from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, MRImageStorage
+
+    from dicomnode.config import parse_settings
+    from dicomnode.history.jobs import JOBSTORE, HistoryService, volume_follow_up, volume_job_id
+    from dicomnode.ingest.ledger import InstanceRecord, JobRow
+    from dicomnode.ingest.spool import Spool
+
+    def ledger_of(name: str) -> Ledger:  # every process opens the shared ledger itself
+        return Ledger(tmp_path / "ledger.sqlite3" if ledger_url is None
+                      else tmp_path / f"{name}.sqlite3", url=ledger_url)
+
+    worker = ledger_of("worker")
+    worker.record_instance(InstanceRecord(
+        "1.2.3.4", MRImageStorage, "1.2.3", "1.2.3.1", "pk", None, "MR", "objects/a.dcm", "ab",
+        10, ExplicitVRLittleEndian, "PACS", {"Modality": "MR"}))
+    job = JobRow(7, "tumour-volume", "tumour_volume", "series", "1.2.3.1", "1.2.3",
+                 ("1.2.3.1",), 0, "done", 1, None)
+    summary = {"analysed": True, "volume_cm3": 4.0, "study_date": "20250101",
+               "tracking_uid": "2.25.1"}
+    outputs = [("1.2.3.9", Comprehensive3DSRStorage, "1.2.3", "results/sr.dcm")]
+    assert volume_follow_up(worker, job, summary, outputs)
+    assert not volume_follow_up(worker, job, summary, outputs), "a job finished twice files once"
+    assert [p.volume_cm3 for p in worker.timeline_points("pk")] == [4.0]
+    not_a_volume = JobRow(8, "dat", "dat_spect", "series", "1.2.3.1", "1.2.3", (), 0, "done",
+                          1, None)
+    assert not volume_follow_up(worker, not_a_volume, {"analysed": True}, outputs)
+
+    settings = parse_settings({"node": {"storage": str(tmp_path / "var")}})
+    receivers: list[tuple[HistoryService, BackgroundScheduler]] = []
+    for name in ("r1", "r2"):
+        scheduler = BackgroundScheduler(timezone=UTC)
+        scheduler.add_jobstore(MemoryJobStore(), JOBSTORE)
+        scheduler.start(paused=True)
+        history = HistoryService(settings, ledger_of(name), Spool(tmp_path / "var"),
+                                 holder=name)
+        history.scheduler = scheduler
+        receivers.append((history, scheduler))
+    taken: list[int] = []
+    gate = threading.Barrier(2)
+
+    def take(history: HistoryService) -> None:
+        gate.wait()
+        taken.append(history.take_requests())
+
+    threads = [threading.Thread(target=take, args=(h,)) for h, _ in receivers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert sorted(taken) == [0, 1]
+        scheduled = [s.get_job(volume_job_id("pk", "1.2.3"), jobstore=JOBSTORE) is not None
+                     for _, s in receivers]
+        assert sorted(scheduled) == [False, True]
+        ((job_id, patient, study, holder),) = worker.history_requests()
+        assert (job_id, patient, study) == (7, "pk", "1.2.3")
+        assert holder == ("r1", "r2")[scheduled.index(True)]
+        assert [h.take_requests() for h, _ in receivers] == [0, 0]
+    finally:
+        for history, scheduler in receivers:
+            scheduler.shutdown(wait=False)
+            history.ledger.dispose()
+        worker.dispose()

@@ -104,7 +104,7 @@ def test_an_existing_version_1_ledger_is_migrated_and_keeps_its_rows(tmp_path: P
         c.execute("DROP TABLE retrieve_events")
         c.execute("UPDATE meta SET value='1' WHERE key='schema'")
     ledger = Ledger(path)
-    assert ledger.schema_version == SCHEMA_VERSION == 2
+    assert ledger.schema_version == SCHEMA_VERSION == 3
     assert ledger.has_instance("1.2.3.4")
     assert ledger.add_timeline_point(row("1.2.3", "20250101", 3.0))
     assert Ledger(path).timeline_points("pk")[0].volume_cm3 == 3.0  # reopening is a no-op
