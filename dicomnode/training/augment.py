@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PRESETS", "Augmentation", "augment_batch"]
+__all__ = ["PRESETS", "Augmentation", "augment_batch", "augment_batch_with_masks"]
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,28 @@ def augment_batch(x: Tensor, augmentation: Augmentation, generator: torch.Genera
     Every channel and slice of a sample gets the same transform (a volume moves as one).
     A disabled augmentation returns ``x`` itself.
     """
+    return _augment(x, augmentation, generator, None)[0]
+
+
+def augment_batch_with_masks(x: Tensor, masks: Tensor, augmentation: Augmentation,
+                             generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """:func:`augment_batch` of ``x`` and the same geometric transform of ``masks``
+    (B, H, W) in [0, 1] (bilinear, zero outside the image; no intensity steps).
+
+    The draws are those :func:`augment_batch` makes, in the same order, so a seed gives
+    the same images with or without masks.
+    """
+    if masks.shape[0] != x.shape[0] or masks.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"masks {tuple(masks.shape)} do not match images {tuple(x.shape)}")
+    out, moved = _augment(x, augmentation, generator, masks)
+    assert moved is not None
+    return out, moved
+
+
+def _augment(x: Tensor, augmentation: Augmentation, generator: torch.Generator,
+             masks: Tensor | None) -> tuple[Tensor, Tensor | None]:
     if not augmentation.enabled:
-        return x
+        return x, masks
     if x.ndim < 3:
         raise ValueError(f"expected (B, ..., H, W); got shape {tuple(x.shape)}")
     shape = x.shape
@@ -125,6 +145,9 @@ def augment_batch(x: Tensor, augmentation: Augmentation, generator: torch.Genera
         grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
         flat = F.grid_sample(flat, grid, mode="bilinear", padding_mode="border",
                              align_corners=False)
+        if masks is not None:
+            masks = F.grid_sample(masks.unsqueeze(1).to(flat.dtype), grid, mode="bilinear",
+                                  padding_mode="zeros", align_corners=False)[:, 0]
     if a.brightness or a.contrast or a.noise_std:
         mean = flat.mean(dim=(1, 2, 3), keepdim=True)
         std = flat.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
@@ -138,4 +161,4 @@ def augment_batch(x: Tensor, augmentation: Augmentation, generator: torch.Genera
         if a.noise_std:
             noise = torch.randn(flat.shape, generator=generator, dtype=flat.dtype)
             flat = flat + noise * (a.noise_std * std)
-    return flat.reshape(shape)
+    return flat.reshape(shape), masks

@@ -123,6 +123,7 @@ class TaskOptions:
     calibration: str = "none"
     point_names: str = ""
     output_stride: int = 32
+    loc_weight: float = 0.0
 
     def resolved(self) -> TaskOptions:
         n_val = self.n_val if self.n_val is not None else max(16, self.n_train // 4)
@@ -349,7 +350,8 @@ def classifier_config(options: TaskOptions) -> TrainConfig:
     return TrainConfig(epochs=options.epochs, batch_size=options.batch_size,
                        learning_rate=options.learning_rate, groups=groups, stages=stages,
                        augmentation=PRESETS[options.augment], patience=options.patience,
-                       seed=options.seed, progress=options.progress, device=options.device)
+                       seed=options.seed, progress=options.progress, device=options.device,
+                       localisation_weight=options.loc_weight)
 
 
 def with_cam(model: nn.Module) -> nn.Module:
@@ -499,12 +501,13 @@ def train_task(
     if tuple(c.lower() for c in splits.class_names) != task.class_names:
         raise TrainingRunError(f"the data's classes {list(splits.class_names)} are not the "
                                f"task's {list(task.class_names)}")
+    config = task.train_config(options)
+    masks = splits.train.masks(stream) if config.localisation_weight > 0 else None
     x_train, y_train = splits.train.arrays(stream)
     x_val, y_val = splits.val.arrays(stream)
     test = splits.test if splits.test is not None and len(splits.test) else None
     held_out = test if test is not None else splits.val
     x_test, y_test = (held_out.arrays(stream) if held_out is not splits.val else (x_val, y_val))
-    config = task.train_config(options)
     cross_validation = None
     if options.folds:
         cross_validation = _cross_validate(task, options, config, splits, (x_train, y_train),
@@ -512,7 +515,8 @@ def train_task(
     torch.manual_seed(options.seed)
     model = task.model(options)
     result = fit(model, (x_train, y_train), (x_val, y_val), config, loss_kind=task.loss,
-                 n_classes=len(task.class_names), forward=task.forward, stream=stream)
+                 n_classes=len(task.class_names), forward=task.forward, stream=stream,
+                 masks=masks)
     calibration = None
     if options.calibration != "none":
         from dicomnode.training.calibration import CalibrationError, calibrate_model
@@ -578,6 +582,9 @@ def train_task(
     }
     if calibration is not None:
         training["calibration"] = calibration.to_dict()
+    if config.localisation_weight > 0:
+        training["localisation"] = _localisation_record(config.localisation_weight, masks,
+                                                        y_train)
     if task.aggregate is not None:
         training["evaluation_unit"] = "patient (per-sample scores pooled by the task)"
     if cross_validation is not None:
@@ -616,6 +623,24 @@ def train_task(
         serving = _serving_check(task, written.package, held_out, test_report, options)
     return TrainingOutcome(written.package, checkpoint, test_report, val_report, serving,
                            time.perf_counter() - started, cross_validation)
+
+
+def _localisation_record(weight: float, masks: NDArray[np.uint8] | None,
+                         labels: NDArray[np.int64]) -> dict[str, Any]:
+    """What the card says about ``--loc-weight``: the loss, and whether the data allowed it."""
+    if masks is None:
+        return {"weight": weight, "applied": False,
+                "reason": "the training data carry no lesion masks; trained without it"}
+    with_lesion = int(((masks.reshape(masks.shape[0], -1).max(axis=1) > 0)
+                       & (labels == 1)).sum())
+    return {"weight": weight, "applied": with_lesion > 0,
+            "positive_samples_with_masks": with_lesion,
+            "loss": ("cross-entropy between the softmax over feature-grid cells of the "
+                     "standardised Grad-CAM evidence of the positive class (the exported "
+                     "map before ReLU) and each cell's share of the training lesion mask "
+                     "(same geometric augmentation as the image); positive samples only; "
+                     "added to the classification loss times the weight"),
+            "masks": "training split only; validation and test masks are not used"}
 
 
 def _cross_validate(
@@ -1039,6 +1064,9 @@ def register(sub: Any) -> None:
                    help="fit a logit calibration on validation and fold it into the model")
     p.add_argument("--output-stride", dest="output_stride", type=int, choices=(8, 16, 32),
                    help="feature-map stride of the slice classifier (CAM cell size; default 32)")
+    p.add_argument("--loc-weight", dest="loc_weight", type=float,
+                   help="weight of the auxiliary localisation loss on the Grad-CAM where the "
+                        "training data carry lesion masks (phantoms); default 0 (off)")
     p.add_argument("--point-names", dest="point_names",
                    help="names for the F1-optimal and sensitivity-target operating points "
                         "(default f1-optimal,sensitivity-<target>), e.g. balanced,screening")

@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO, runtime_checkable
 
 import cv2
 import numpy as np
@@ -51,6 +51,9 @@ from dicomnode.training.splits import (
     stratified_patient_split,
 )
 
+if TYPE_CHECKING:
+    from dicomnode.phantoms.chest_xray import ChestXrayTruth
+
 __all__ = [
     "DICOM_SUFFIXES",
     "KAGGLE_PATIENT_PATTERN",
@@ -60,6 +63,7 @@ __all__ = [
     "DatasetError",
     "DatasetSplits",
     "FileReader",
+    "MaskReader",
     "NiftiSliceReader",
     "Sample",
     "SampleReader",
@@ -116,6 +120,18 @@ class SampleReader(Protocol):
     def assemble(self) -> Assemble: ...
 
     def read(self, sample: Sample) -> SpecInput: ...
+
+
+@runtime_checkable
+class MaskReader(Protocol):
+    """A reader whose samples carry lesion masks (phantoms): the localisation loss's data.
+
+    ``read_mask`` gives a sample's mask (H, W), true on lesion pixels, in the pixel grid
+    of the image ``read`` gives (before the spec), or None where there is no lesion.
+    Called right after ``read`` of the same sample it should cost nothing.
+    """
+
+    def read_mask(self, sample: Sample) -> NDArray[np.bool_] | None: ...
 
 
 def assemble_tensor(spec: PreprocessSpec, raw: SpecInput, assemble: Assemble) -> np.ndarray:
@@ -215,6 +231,43 @@ class SampleSet:
         if self._cache is not None:
             self._cache[index] = tensor
         return tensor
+
+    @property
+    def has_masks(self) -> bool:
+        return isinstance(self.reader, MaskReader)
+
+    def masks(self, progress: TextIO | None = None) -> NDArray[np.uint8] | None:
+        """Every sample's lesion mask at the model input (N, H, W), 0/1, moved by the
+        spec's geometric steps (:func:`geometric_spec`, as the heat-map check moves its
+        masks); zeros where a sample has none; None when the reader has no masks.
+
+        Reads (and caches) each sample's tensor in the same pass, so called before
+        :meth:`arrays` a phantom is generated once for both.
+        """
+        if not isinstance(self.reader, MaskReader):
+            return None
+        geometry = geometric_spec(self.spec)
+        out: list[NDArray[np.uint8]] = []
+        tty = progress is not None and hasattr(progress, "isatty") and progress.isatty()
+        for index, sample in enumerate(self.samples):
+            shape = self.tensor(index).shape[-2:]
+            mask = self.reader.read_mask(sample)
+            if mask is None or not mask.any():
+                out.append(np.zeros(shape, dtype=np.uint8))
+            else:
+                moved = apply_spec(geometry, [mask.astype(np.float32)])[0, 0]
+                if moved.shape != shape:
+                    raise DatasetError(f"{self.name}: sample {sample.key}: mask {moved.shape} "
+                                       f"at the input, image {shape}")
+                out.append((moved > 0.5).astype(np.uint8))
+            done = index + 1 == len(self)
+            if progress is not None and (done or (tty and (index + 1) % 64 == 0)):
+                start, end = ("\r" if tty else ""), ("\n" if done else "")
+                progress.write(f"{start}lesion masks {self.name}: {index + 1}/{len(self)}{end}")
+                progress.flush()
+        if not out:
+            raise DatasetError(f"{self.name}: no samples")
+        return np.stack(out)
 
     def arrays(self, progress: TextIO | None = None) -> tuple[np.ndarray, NDArray[np.int64]]:
         """All tensors stacked (N, ...) as float32, and the labels (N,)."""
@@ -802,6 +855,15 @@ def chest_xray_phantom_instance(
     depth, rescale) and PatientID equal the file's; training sees every encoding the
     node will be sent.
     """
+    ds, truth = _chest_xray_phantom(seed, index, n, size=size, labels=labels,
+                                    pneumonia_fraction=pneumonia_fraction)
+    return ds, truth.label
+
+
+def _chest_xray_phantom(
+    seed: int, index: int, n: int, *, size: int, labels: Sequence[str] | None,
+    pneumonia_fraction: float,
+) -> tuple[FileDataset, ChestXrayTruth]:
     from dicomnode.phantoms import chest_xray as cxr
     from dicomnode.phantoms.common import (
         SeriesContext,
@@ -843,7 +905,7 @@ def chest_xray_phantom_instance(
     )
     ds = cxr.build_chest_xray_dataset(image, geometry, storage, study, series,
                                       phantom_uid(cxr.KIND, seed, index, "image"), meta_rng)
-    return ds, truth.label
+    return ds, truth
 
 
 class ChestXrayPhantomReader:
@@ -859,6 +921,7 @@ class ChestXrayPhantomReader:
         self.size = size
         self.pneumonia_fraction = pneumonia_fraction
         self._sets: dict[int, list[str]] = {}
+        self._last_mask: tuple[str, NDArray[np.bool_]] | None = None
 
     def samples(self, seed: int, n: int) -> list[Sample]:
         """Register the set (seed, n) and list its samples."""
@@ -877,9 +940,19 @@ class ChestXrayPhantomReader:
         labels = self._sets.get(seed)
         if labels is None or sample.index is None:
             raise DatasetError(f"{sample.key}: not a sample of this reader")
-        ds, _ = chest_xray_phantom_instance(seed, sample.index, len(labels), size=self.size,
-                                            labels=labels)
+        ds, truth = _chest_xray_phantom(seed, sample.index, len(labels), size=self.size,
+                                        labels=labels,
+                                        pneumonia_fraction=self.pneumonia_fraction)
+        self._last_mask = (sample.key, np.asarray(truth.lesion_mask > 0))
         return [ds]
+
+    def read_mask(self, sample: Sample) -> NDArray[np.bool_] | None:
+        """The union of the consolidations (the heat-map check's truth); None if none."""
+        if self._last_mask is None or self._last_mask[0] != sample.key:
+            self.read(sample)
+        assert self._last_mask is not None
+        mask = self._last_mask[1]
+        return mask if mask.any() else None
 
 
 def chest_xray_phantoms(

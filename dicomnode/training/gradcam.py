@@ -56,8 +56,11 @@ __all__ = [
     "UnsupportedHeadError",
     "WithCam",
     "cam_maps",
+    "class_evidence",
     "grad_cam",
     "head_jacobian",
+    "localisation_loss",
+    "mask_to_grid",
     "upsample_cam",
 ]
 
@@ -89,6 +92,13 @@ def head_jacobian(head: nn.Module, pooled: Tensor) -> tuple[Tensor, Tensor]:
     """
     if head.training:
         raise UnsupportedHeadError("head_jacobian needs the head in eval mode (call .eval())")
+    return _eval_jacobian(head, pooled)
+
+
+def _eval_jacobian(head: nn.Module, pooled: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`head_jacobian`'s eval-mode algebra whatever mode the head is in (dropout as
+    the identity, batch norm with its running statistics): the Jacobian the exported map
+    uses, differentiable with respect to the head's weights."""
     steps: list[tuple[str, Tensor]] = []
     x = pooled
     for layer in _flatten_head(head):
@@ -109,7 +119,8 @@ def head_jacobian(head: nn.Module, pooled: Tensor) -> tuple[Tensor, Tensor]:
             if layer.weight is not None:
                 scale = scale * layer.weight
             steps.append(("mul", scale))
-            x = layer(x)
+            x = F.batch_norm(x, layer.running_mean, layer.running_var, layer.weight,
+                             layer.bias, training=False, eps=layer.eps)
         elif isinstance(layer, nn.Dropout | nn.Identity):
             continue
         else:
@@ -192,6 +203,14 @@ def upsample_cam(raw: Tensor, size: Sequence[int], stride: int | Sequence[int] |
     return torch.matmul(torch.matmul(along_rows, raw), along_cols.transpose(0, 1))
 
 
+def _evidence(feature_map: Tensor, grads: Tensor) -> Tensor:
+    """(B, K, h, w) ``Σ_k α_k A_k`` with ``α = g / (h·w)``: the map before its ReLU."""
+    height, width = feature_map.shape[2], feature_map.shape[3]
+    alpha = grads / float(height * width)
+    raw = torch.matmul(alpha, feature_map.flatten(2))
+    return raw.reshape(raw.shape[0], raw.shape[1], height, width)
+
+
 def cam_maps(feature_map: Tensor, grads: Tensor, size: Sequence[int],
              stride: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Grad-CAM from a feature map (B, C, h, w) and pooled-feature gradients (B, K, C).
@@ -200,10 +219,7 @@ def cam_maps(feature_map: Tensor, grads: Tensor, size: Sequence[int],
     with ``α = g / (h·w)`` (see the module docstring); ``stride`` as in
     :func:`upsample_cam`.
     """
-    height, width = feature_map.shape[2], feature_map.shape[3]
-    alpha = grads / float(height * width)
-    raw = torch.matmul(alpha, feature_map.flatten(2))
-    raw = torch.relu(raw.reshape(raw.shape[0], raw.shape[1], height, width))
+    raw = torch.relu(_evidence(feature_map, grads))
     up = upsample_cam(raw, size, stride)
     peak = up.amax(dim=(2, 3), keepdim=True)
     return up / peak.clamp_min(_peak_floor(up.dtype)), raw
@@ -277,6 +293,63 @@ class FusionWithCam(nn.Module):
         ct_cam, _ = cam_maps(ct_map, grad_ct, ct.shape[-2:], model.ct_encoder.output_stride)
         mr_cam, _ = cam_maps(mr_map, grad_mr, mr.shape[-2:], model.mr_encoder.output_stride)
         return logits, model.stage_head(normed), model.risk_head(normed), ct_cam, mr_cam
+
+
+# --- training: a localisation loss on the exported map -------------------------------------
+
+
+def class_evidence(model: GapClassifier, feature_map: Tensor,
+                   class_index: int | Tensor = 0) -> Tensor:
+    """(B, h, w) evidence map of one class on the feature grid: the exported CAM before
+    its ReLU, upsampling and scaling (:class:`WithCam` computes the same numbers).
+
+    ``class_index`` is one class for every sample, or a (B,) tensor of one per sample.
+    Works in training mode too: the head's Jacobian is the eval-mode one the served map
+    uses, and gradients reach the trunk and the head's weights. The ReLU is left out so
+    a cell with negative evidence still gets a gradient.
+    """
+    _, jac = _eval_jacobian(model.head, feature_map.mean(dim=(2, 3)))
+    classes = jac.shape[1]
+    index = torch.as_tensor(class_index, dtype=torch.int64, device=jac.device)
+    if bool(((index < 0) | (index >= classes)).any()):
+        raise ValueError(f"class index outside 0..{classes - 1}")
+    index = index.reshape(-1, 1, 1).expand(jac.shape[0], 1, jac.shape[2])
+    return _evidence(feature_map, torch.gather(jac, 1, index))[:, 0]
+
+
+def mask_to_grid(mask: Tensor, cells: Sequence[int], stride: int | Sequence[int]) -> Tensor:
+    """(B, H, W) lesion masks in [0, 1] to (B, h, w): the lesion's share of each cell's
+    ``S`` x ``S`` footprint centred on the cell's input pixel ``S·i`` (where
+    :func:`upsample_cam` puts the cell); ``stride`` per axis or one for both."""
+    h, w = int(cells[0]), int(cells[1])
+    rows, cols = (stride, stride) if isinstance(stride, int) else (int(stride[0]),
+                                                                    int(stride[1]))
+    padded = F.pad(mask.unsqueeze(1), (cols // 2, cols, rows // 2, rows))
+    return F.avg_pool2d(padded, (rows, cols), (rows, cols))[:, 0, :h, :w]
+
+
+def localisation_loss(evidence: Tensor, target: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """Cross-entropy between where the map puts its mass and where the lesion is.
+
+    ``evidence`` (B, h, w) is :func:`class_evidence`, ``target`` (B, h, w) the lesion's
+    share of each cell (:func:`mask_to_grid`). Per sample with a lesion, the evidence is
+    standardised over the cells (so the loss cannot be lowered by scaling the map, which
+    would fight the classification loss) and turned into a distribution by a softmax;
+    the loss is its cross-entropy with the lesion's cell shares, normalised to sum 1.
+    It pulls the map's maximum into the lesion and, unlike a loss on the ReLU'd map,
+    has a gradient everywhere. Samples without a lesion do not count; with none in the
+    batch the loss is a zero that keeps the graph.
+    """
+    flat = evidence.flatten(1)
+    shares = target.flatten(1).to(flat.dtype)
+    mass = shares.sum(dim=1)
+    keep = mass > eps
+    if not bool(keep.any()):
+        return flat.sum() * 0.0
+    z = flat[keep]
+    z = (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, correction=0, keepdim=True) + eps)
+    p = shares[keep] / mass[keep].unsqueeze(1)
+    return -(p * F.log_softmax(z, dim=1)).sum(dim=1).mean()
 
 
 # --- reference: hook-based Grad-CAM with autograd ---------------------------------------

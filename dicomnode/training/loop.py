@@ -11,6 +11,12 @@ The recipes the seeds describe, as options rather than scripts:
   whose parameters are all frozen stay in eval mode so their running statistics are
   kept too;
 * gradient-norm clipping;
+* an optional localisation loss (``localisation_weight`` > 0, training masks given):
+  on positive samples with a lesion mask (label 1 for BCE, any label but 0 for CE, whose
+  own class's map is trained), the cross-entropy between the softmax of the exported
+  Grad-CAM's evidence on the feature grid and the mask's share of each cell
+  (:func:`~dicomnode.training.gradcam.localisation_loss`), so the served heat map's peak
+  is trained towards the lesion instead of wherever the kernels happen to put it;
 * early stopping on validation AUC, per stage, restoring the best weights (falls back to
   validation loss, and says so, when the validation set has one class); with
   ``restore_best=False`` and ``patience=None`` the validation data only get reported,
@@ -38,7 +44,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from dicomnode.training.augment import Augmentation, augment_batch
+from dicomnode.training.augment import Augmentation, augment_batch, augment_batch_with_masks
 from dicomnode.training.metrics import auc, macro_auc
 
 __all__ = [
@@ -161,6 +167,7 @@ class TrainConfig:
     deterministic: bool = True
     progress: bool = True
     device: str = "cpu"
+    localisation_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:
@@ -173,6 +180,8 @@ class TrainConfig:
             raise ValueError("grad_clip_norm must be > 0 or None")
         if self.patience is not None and self.patience < 1:
             raise ValueError("patience must be >= 1 or None")
+        if not (math.isfinite(self.localisation_weight) and self.localisation_weight >= 0):
+            raise ValueError("localisation_weight must be a finite number >= 0")
         known = {g.name for g in self.groups} | {REST}
         for stage in self.stages:
             unknown = sorted(set(stage.rates) - known)
@@ -193,7 +202,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EpochRecord:
-    """One epoch's numbers; ``val_auc`` is NaN when validation has one class."""
+    """One epoch's numbers; ``val_auc`` is NaN when validation has one class.
+
+    ``train_loss`` is the classification loss; ``train_localisation_loss`` the mean
+    localisation loss over the batches that had a lesion (NaN when none was trained).
+    """
 
     epoch: int
     stage: str
@@ -203,11 +216,12 @@ class EpochRecord:
     learning_rates: tuple[tuple[str, float], ...]
     seconds: float
     best: bool
+    train_localisation_loss: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["learning_rates"] = dict(self.learning_rates)
-        for key in ("train_loss", "val_loss", "val_auc"):
+        for key in ("train_loss", "val_loss", "val_auc", "train_localisation_loss"):
             if not math.isfinite(data[key]):
                 data[key] = None
         return data
@@ -391,9 +405,11 @@ class Progress:
         if self.stream is None:
             return
         auc_text = f"{record.val_auc:.3f}" if math.isfinite(record.val_auc) else "n/a"
+        loc = record.train_localisation_loss
+        loc_text = f" loc {loc:.4f}" if math.isfinite(loc) else ""
         self.stream.write(("\r" if self.tty else "") +
                           f"epoch {record.epoch}/{self.total} [{record.stage}] train loss "
-                          f"{record.train_loss:.4f} | val loss {record.val_loss:.4f} auc "
+                          f"{record.train_loss:.4f}{loc_text} | val loss {record.val_loss:.4f} auc "
                           f"{auc_text}{' *best ' + monitor if record.best else ''} "
                           f"({record.seconds:.1f}s)\n")
         self.stream.flush()
@@ -411,6 +427,39 @@ def _validation_score(kind: LossKind, y: NDArray[np.int64], scores: NDArray[np.f
     return auc(y, scores) if kind == "bce" else macro_auc(y, scores)
 
 
+def _check_localisation(model: nn.Module, x: np.ndarray, masks: np.ndarray, *,
+                        loss_kind: LossKind, forward: Forward | None) -> None:
+    from dicomnode.training.architectures import GapClassifier
+
+    if not isinstance(model, GapClassifier) or forward is not None:
+        raise ValueError("the localisation loss needs a GapClassifier called directly (no "
+                         "task forward)")
+    if masks.shape != (x.shape[0], *x.shape[-2:]):
+        raise ValueError(f"need one (H, W) mask per training sample: masks {masks.shape}, "
+                         f"images {x.shape}")
+
+
+def _localised_losses(model: nn.Module, loss_fn: nn.Module, loss_kind: LossKind, x: Tensor,
+                      y: Tensor, masks: Tensor, config: TrainConfig,
+                      generator: torch.Generator, device: torch.device
+                      ) -> tuple[Tensor, Tensor]:
+    """The classification loss and the localisation loss of one batch (one forward)."""
+    from dicomnode.training.architectures import GapClassifier
+    from dicomnode.training.gradcam import class_evidence, localisation_loss, mask_to_grid
+
+    assert isinstance(model, GapClassifier)
+    xb, mb = augment_batch_with_masks(x, masks.to(torch.float32), config.augmentation,
+                                      generator)
+    xb, mb, y = xb.to(device), mb.to(device), y.to(device)
+    feature_map = model.features(xb)
+    logits = model.head(feature_map.mean(dim=(2, 3)))
+    loss = loss_fn(logits, _targets(loss_kind, y))
+    positive = (y > 0).to(mb.dtype).reshape(-1, 1, 1)
+    target = mask_to_grid(mb * positive, feature_map.shape[-2:], model.backbone.output_stride)
+    own = 0 if loss_kind == "bce" else y
+    return loss, localisation_loss(class_evidence(model, feature_map, own), target)
+
+
 def fit(
     model: nn.Module,
     train: tuple[np.ndarray, NDArray[np.int64]],
@@ -421,12 +470,19 @@ def fit(
     n_classes: int,
     forward: Forward | None = None,
     stream: TextIO | None = sys.stderr,
+    masks: np.ndarray | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on arrays (N, ...) and return it with its best weights.
 
     Training runs on ``config.device``; shuffling and augmentation draw on the CPU, so a
     seed picks the same batches and transforms on any device. The model is left on that
     device, in eval mode.
+
+    ``masks`` (N, H, W), lesion masks of the training samples at the model input (zero
+    where a sample has none), turn on the localisation loss when
+    ``config.localisation_weight`` > 0; that needs a
+    :class:`~dicomnode.training.architectures.GapClassifier` called directly. Without
+    masks, or at weight 0, training is exactly what it was without them.
     """
     x_train, y_train = train
     x_val, y_val = val
@@ -435,6 +491,10 @@ def fit(
     if x_train.shape[0] < 2:
         raise ValueError("need at least two training samples")
     run = forward or _default_forward
+    if masks is not None and config.localisation_weight > 0:
+        _check_localisation(model, x_train, masks, loss_kind=loss_kind, forward=forward)
+    else:
+        masks = None
     progress = Progress(stream if config.progress else None,
                         sum(s.epochs for s in config.plan()))
     started = time.perf_counter()
@@ -446,6 +506,7 @@ def fit(
         augment = torch.Generator().manual_seed(config.seed + 1)
         xt = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32))
         yt = torch.from_numpy(y_train.astype(np.int64))
+        mt = torch.from_numpy(np.ascontiguousarray(masks)) if masks is not None else None
         xv = torch.from_numpy(np.ascontiguousarray(x_val, dtype=np.float32)).to(device)
         yv = torch.from_numpy(y_val.astype(np.int64)).to(device)
         monitor = "val_auc" if np.unique(y_val).size > 1 else "val_loss"
@@ -471,11 +532,23 @@ def fit(
                     batches.pop()  # a batch of one breaks batch norm
                 total_loss = 0.0
                 seen = 0
+                loc_total, loc_batches = 0.0, 0
                 for number, index in enumerate(batches, start=1):
-                    xb = augment_batch(xt[index], config.augmentation, augment).to(device)
-                    loss = loss_fn(run(model, xb), _targets(loss_kind, yt[index].to(device)))
+                    if mt is None:
+                        xb = augment_batch(xt[index], config.augmentation, augment).to(device)
+                        loss = loss_fn(run(model, xb),
+                                       _targets(loss_kind, yt[index].to(device)))
+                        total = loss
+                    else:
+                        loss, loc = _localised_losses(model, loss_fn, loss_kind, xt[index],
+                                                      yt[index], mt[index], config, augment,
+                                                      device)
+                        total = loss + config.localisation_weight * loc
+                        if loc.requires_grad and float(loc.detach()) != 0.0:
+                            loc_total += float(loc.detach())
+                            loc_batches += 1
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    total.backward()
                     if config.grad_clip_norm is not None:
                         nn.utils.clip_grad_norm_(
                             [p for p in model.parameters() if p.requires_grad],
@@ -500,7 +573,8 @@ def fit(
                     since_best += 1
                 record = EpochRecord(epoch, stage.name, total_loss / max(seen, 1), val_loss,
                                      val_auc, tuple(sorted(rates.items())),
-                                     time.perf_counter() - epoch_start, improved)
+                                     time.perf_counter() - epoch_start, improved,
+                                     loc_total / loc_batches if loc_batches else math.nan)
                 history.append(record)
                 progress.epoch(record, monitor)
                 if (config.patience is not None and since_best >= config.patience

@@ -294,11 +294,22 @@ class HeadCtPhantomReader:
         return out
 
     def read(self, sample: Sample) -> list[Dataset]:
+        series = self._series_of(sample)
+        assert sample.index is not None
+        return [series.datasets[sample.index]]
+
+    def read_mask(self, sample: Sample) -> NDArray[np.bool_] | None:
+        """The slice's lesion voxels (every lesion of the series); None where it has none."""
+        series = self._series_of(sample)
+        assert sample.index is not None
+        mask = np.asarray(series.truth.lesion_mask[sample.index] > 0)
+        return mask if mask.any() else None
+
+    def _series_of(self, sample: Sample) -> HeadCtSeries:
         parts = sample.key.split("#")[0].split(":")
         if len(parts) != 4 or parts[0] != "phantom" or sample.index is None:
             raise TrainingRunError(f"{sample.key}: not a sample of this reader")
-        series = self.series(int(parts[1]), int(parts[2]))
-        return [series.datasets[sample.index]]
+        return self.series(int(parts[1]), int(parts[2]))
 
 
 def head_ct_phantoms(
