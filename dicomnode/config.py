@@ -262,6 +262,15 @@ class WebSettings:
     port: int = 8480
     allow_remote: bool = False
     tokens: tuple[WebToken, ...] = ()
+    worker_port: int | None = None
+
+    @property
+    def worker_listen_port(self) -> int:
+        """Where ``dicomnode worker`` serves its own /metrics: ``worker_port``, else the
+        port after ``port`` (so a worker beside a receiver does not collide with it)."""
+        if self.worker_port is not None:
+            return self.worker_port
+        return self.port + 1 if 0 < self.port < 65535 else 0
 
 
 @dataclass(frozen=True)
@@ -520,7 +529,7 @@ def _parse_web(r: _Reader, data: Any) -> WebSettings:
     if data is None:
         return WebSettings()
     w = r.mapping(data, "web")
-    r.unknown(w, "web", {"enabled", "host", "port", "allow_remote", "tokens"})
+    r.unknown(w, "web", {"enabled", "host", "port", "allow_remote", "tokens", "worker_port"})
     flags: dict[str, bool] = {}
     for name, default in (("enabled", True), ("allow_remote", False)):
         value = w.get(name, default)
@@ -530,6 +539,7 @@ def _parse_web(r: _Reader, data: Any) -> WebSettings:
         flags[name] = value
     host = r.string(w, "web", "host", "127.0.0.1")
     port = r.port(w.get("port", 8480), "web.port")
+    worker_port = r.port(w["worker_port"], "web.worker_port") if "worker_port" in w else None
     if flags["enabled"] and not flags["allow_remote"] and not _is_loopback(host):
         r.problem("web.host", f"{host!r} is not a loopback address: the status page shows "
                               "what the node received; say allow_remote: true to serve it "
@@ -562,7 +572,8 @@ def _parse_web(r: _Reader, data: Any) -> WebSettings:
             r.problem(f"{key}.token", "expected a string of at least 16 characters")
             continue
         tokens.append(WebToken(str(name), token, str(role)))
-    return WebSettings(flags["enabled"], host, port, flags["allow_remote"], tuple(tokens))
+    return WebSettings(flags["enabled"], host, port, flags["allow_remote"], tuple(tokens),
+                       worker_port)
 
 
 def load_settings(path: Path) -> Settings:

@@ -117,40 +117,116 @@ class CeleryDispatcher:
             self.wake.clear()
 
 
-def run_worker(settings: Settings) -> None:
-    """``dicomnode worker``: analysis only, ``jobs.workers`` jobs at a time, until
-    SIGTERM/SIGINT (Celery's warm shutdown lets running jobs finish)."""
-    from dicomnode.jobs.runner import JobRunner, _Worker
-    from dicomnode.service import open_ledger
+class WorkerNode:
+    """What ``dicomnode worker`` is apart from Celery's consumer loop: the ledger, the job
+    runner with the node's real observer, and the follow-up of each finished job.
 
-    ledger = open_ledger(settings)
-    runner = JobRunner(settings, ledger)
-    app = make_app(settings)
-    local = threading.local()
-    slots: list[_Worker] = []
-    slots_lock = threading.Lock()
+    * Follow-up: a finished job's measured volume becomes a timeline point and a
+      ``history_requests`` row in the ledger (:func:`dicomnode.history.jobs.
+      volume_follow_up`), which one receiver takes and schedules, as for a job that
+      finished in ``serve``.
+    * Metrics: job duration per pipeline and outcome, audit records written; served on
+      this process's own ``/metrics`` (``web.worker_port``, with ``web.tokens``) when
+      ``web`` is configured: Prometheus scrapes every receiver and worker.
+    * Audit: ``analysis`` and ``application`` records in this process's own trail,
+      ``<node.storage>/audit.sqlite3``: a worker on another machine cannot append to a
+      receiver's SQLite file safely (SQLite's locks do not hold over NFS), so each
+      machine keeps its own chained trail; processes sharing one ``node.storage`` on one
+      machine may append to the same file (each batch is chained inside one
+      ``BEGIN IMMEDIATE`` transaction).
+    """
 
-    @app.task(name=TASK, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
-    def run_job(job_id: int) -> None:
-        job = ledger.claim_job_id(int(job_id))
+    def __init__(self, settings: Settings) -> None:
+        from dicomnode.history.jobs import volume_follow_up
+        from dicomnode.jobs.runner import JobRunner, _Worker
+        from dicomnode.ops.audit import AUDIT_NAME, AuditTrail
+        from dicomnode.ops.observer import Operations
+        from dicomnode.ops.reader import LedgerReader
+        from dicomnode.service import LEDGER_NAME, open_ledger
+
+        self.settings = settings
+        self.ledger = open_ledger(settings)
+        self.audit = AuditTrail(settings.spool_dir / AUDIT_NAME)
+        self.reader = LedgerReader(settings.spool_dir / LEDGER_NAME, settings.ledger.url)
+        self.ops = Operations(settings, self.reader, self.audit, role="worker")
+        self._follow_up = volume_follow_up
+        self.runner = JobRunner(settings, self.ledger, on_done=self._job_done,
+                                events=self.ops)
+        self._new_slot = lambda: _Worker(settings.log_level)
+        self._local = threading.local()
+        self._slots: list[Any] = []
+        self._slots_lock = threading.Lock()
+        self.web: Any = None
+        if settings.web.enabled:
+            from dicomnode.web.server import WebServer, load_or_create_token
+
+            tokens = settings.web.tokens or (load_or_create_token(settings.spool_dir),)
+            self.web = WebServer(settings.web, None, self.ops.metrics, self.audit,
+                                 self.readiness, tokens, port=settings.web.worker_listen_port)
+
+    def readiness(self) -> dict[str, bool]:
+        return {"ledger_readable": self.reader.readable()}
+
+    def _job_done(self, job: Any, summary: Any, outputs: Any) -> None:
+        if self._follow_up(self.ledger, job, summary, outputs):
+            log.info("job %d: new volume; history requested from the receivers", job.id)
+
+    def start(self) -> None:
+        self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.audit.start()
+        self.ops.started()
+        if self.web is not None:
+            try:
+                self.web.start()
+            except OSError as exc:  # analysis matters more than its metrics
+                log.error("worker: cannot serve /metrics on %s:%d (%s); running without "
+                          "(set web.worker_port)", self.settings.web.host,
+                          self.settings.web.worker_listen_port, exc.strerror or exc)
+                self.web = None
+
+    def run_job(self, job_id: int) -> bool:
+        """Claim and run one job named by a message; False when it was not claimable (a
+        repeated message, a job running elsewhere, done or superseded)."""
+        job = self.ledger.claim_job_id(int(job_id))
         if job is None:
             log.info("job %s: not pending (claimed, done or superseded); message dropped",
                      job_id)
-            return
-        worker: _Worker | None = getattr(local, "worker", None)
-        if worker is None:
-            worker = local.worker = _Worker(settings.log_level)
-            with slots_lock:
-                slots.append(worker)
-        runner.run_claimed(job, worker)
+            return False
+        slot = getattr(self._local, "slot", None)
+        if slot is None:  # one analysis child per Celery thread, kept warm
+            slot = self._local.slot = self._new_slot()
+            with self._slots_lock:
+                self._slots.append(slot)
+        self.runner.run_claimed(job, slot)
+        return True
+
+    def stop(self) -> None:
+        for slot in self._slots:
+            slot.stop()
+        if self.web is not None:
+            self.web.stop()
+        self.ops.stopped()
+        self.audit.close()
+        self.reader.close()
+        self.ledger.dispose()
+
+
+def run_worker(settings: Settings) -> None:
+    """``dicomnode worker``: analysis only, ``jobs.workers`` jobs at a time, until
+    SIGTERM/SIGINT (Celery's warm shutdown lets running jobs finish)."""
+    node = WorkerNode(settings)
+    app = make_app(settings)
+
+    @app.task(name=TASK, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+    def run_job(job_id: int) -> None:
+        node.run_job(job_id)
 
     name = f"dicomnode-{os.getpid()}@{socket.gethostname()}"
+    node.start()
     log.info("worker %s: %d slot(s), queue %s", name, settings.jobs.workers, QUEUE)
     try:
         app.worker_main(["worker", "--pool=threads", f"--concurrency={settings.jobs.workers}",
                          "-Q", QUEUE, "-n", name, "--without-gossip", "--without-mingle",
                          "--without-heartbeat", f"--loglevel={settings.log_level}"])
     finally:
-        for worker in slots:
-            worker.stop()
-        ledger.dispose()
+        node.stop()

@@ -54,11 +54,17 @@ def config_digest(settings: Settings) -> str:
 class Operations:
     """Implements ``dicomnode.ops.events.NodeEvents`` with metrics and the audit trail."""
 
-    def __init__(self, settings: Settings, reader: LedgerReader, audit: AuditTrail) -> None:
+    def __init__(self, settings: Settings, reader: LedgerReader, audit: AuditTrail, *,
+                 role: str = "receiver") -> None:
+        """``role``: ``receiver`` (``serve``) or ``worker`` (``dicomnode worker``, which
+        runs jobs only: its metrics leave out the ledger's queue depths, which every
+        receiver reports)."""
         self.settings = settings
         self.reader = reader
         self.audit = audit
-        self.metrics = NodeMetrics(queue_counts=self._queue_counts)
+        self.role = role
+        self.metrics = NodeMetrics(
+            queue_counts=self._queue_counts if role == "receiver" else None)
         self.audit.on_written = self.metrics.audit_records.inc
         self._pid = os.getpid()
 
@@ -78,11 +84,11 @@ class Operations:
                               routes=[r.name for r in self.settings.routes],
                               destinations=sorted(self.settings.destinations), pid=self._pid)
         self.audit.append("application", action="start", config_sha256=digest, pid=self._pid,
-                          ae_title=self.settings.node.ae_title)
+                          ae_title=self.settings.node.ae_title, role=self.role)
 
     def stopped(self) -> None:
         self.audit.append("application", action="stop", pid=self._pid,
-                          ae_title=self.settings.node.ae_title)
+                          ae_title=self.settings.node.ae_title, role=self.role)
 
     # -- association thread: cheap ------------------------------------------------------
 
@@ -165,7 +171,7 @@ class Operations:
                           series=len(job.series_uids), state=state,
                           seconds=round(seconds, 3), objects=summary.get("objects"),
                           why=(error or "").splitlines()[0][:300] if error else None,
-                          pid=self._pid)
+                          pid=self._pid, role=self.role)
 
     def send_answered(self, row: OutboxRow, ok: bool, status: int | None,
                       error: str | None) -> None:

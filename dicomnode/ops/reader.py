@@ -28,6 +28,11 @@ class LedgerReader:
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._engine: Any = None
+        if url is not None and url.startswith("sqlite"):  # ledger.url naming a SQLite file
+            from sqlalchemy.engine import make_url
+
+            path = self.path = Path(make_url(url).database or path)
+            url = None
         if url is None:
             self._db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
                                        timeout=30.0, isolation_level=None,

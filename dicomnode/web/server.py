@@ -76,10 +76,13 @@ class _Route:
 
 
 class WebServer:
-    def __init__(self, settings: WebSettings, api: StatusApi, metrics: NodeMetrics,
+    def __init__(self, settings: WebSettings, api: StatusApi | None, metrics: NodeMetrics,
                  audit: AuditTrail, readiness: Callable[[], Mapping[str, bool]],
-                 tokens: tuple[WebToken, ...]) -> None:
+                 tokens: tuple[WebToken, ...], *, port: int | None = None) -> None:
+        """``api`` None: only ``/metrics`` and the health probes (``dicomnode worker``);
+        ``port``: instead of ``settings.port``."""
         self.settings = settings
+        self.listen_port = settings.port if port is None else port
         self.api = api
         self.metrics = metrics
         self.audit = audit
@@ -92,14 +95,15 @@ class WebServer:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        server = ThreadingHTTPServer((self.settings.host, self.settings.port),
+        server = ThreadingHTTPServer((self.settings.host, self.listen_port),
                                      self._handler_class())
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={
             "poll_interval": 0.5}, name="dicomnode-web", daemon=True)
         self._thread.start()
-        log.info("status page and API on http://%s:%d/", self.settings.host, self.port)
+        log.info("%s on http://%s:%d/", "status page and API" if self.api is not None
+                 else "metrics", self.settings.host, self.port)
 
     @property
     def port(self) -> int:
@@ -123,12 +127,17 @@ class WebServer:
             return _Route(method, re.compile(f"^{path}$"), permission, handler)
 
         uid = r"(?P<uid>[0-9.]{1,64})"
-        return [
+        probes = [
             r("GET", "/healthz", None, lambda c, q, b: ("text", "ok\n")),
             r("GET", "/readyz", None, self._ready),
-            r("GET", "/api/openapi.json", None, lambda c, q, b: openapi_document()),
             r("GET", "/metrics", "read",
               lambda c, q, b: ("metrics", self.metrics.exposition())),
+        ]
+        if a is None:
+            return probes
+        return [
+            *probes,
+            r("GET", "/api/openapi.json", None, lambda c, q, b: openapi_document()),
             r("GET", "/api/whoami", "read",
               lambda c, q, b: {"name": c.name, "role": c.role}),
             r("GET", "/api/studies", "read",
@@ -156,6 +165,7 @@ class WebServer:
         return ("ready", checks)
 
     def _audit(self, caller: Caller, q: Mapping[str, list[str]], body: Any) -> Any:
+        assert self.api is not None
         after, limit = _int(q, "after", 0), _int(q, "limit", 500)
         if (q.get("format") or ["json"])[0] == "atna":
             return ("xml", self.api.audit_atna(caller, after, limit))
@@ -216,7 +226,7 @@ class WebServer:
             def _dispatch(self, method: str, head: bool = False) -> None:
                 url = urlsplit(self.path)
                 path = url.path
-                if method == "GET" and path in _STATIC:
+                if method == "GET" and path in _STATIC and web.api is not None:
                     name, ctype = _STATIC[path]
                     data = resources.files("dicomnode.web").joinpath("static", name)
                     self._send(200, data.read_bytes(), ctype, head=head)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import replace
@@ -70,6 +72,54 @@ def test_the_writer_thread_stores_within_its_interval(tmp_path: Path) -> None:
     reopened = AuditTrail(tmp_path / "audit.sqlite3")
     assert [r.detail["action"] for r in reopened.records()] == ["start", "stop"]
     reopened.close()
+
+
+_WRITER = """
+import sys
+from pathlib import Path
+from dicomnode.ops.audit import AuditTrail
+trail = AuditTrail(Path(sys.argv[1]), flush_interval_s=3600)
+for batch in range(40):
+    for i in range(5):
+        trail.append("analysis", job=batch * 5 + i, pid="child")
+    trail.flush()
+trail.close()
+"""
+
+
+def test_two_processes_appending_to_one_trail_keep_one_chain(tmp_path: Path) -> None:
+    """A receiver and a worker sharing one ``node.storage`` on one machine write the same
+    audit file: each batch reads its predecessor's hash inside its own BEGIN IMMEDIATE
+    transaction, so the chain stays one line through both processes' batches."""
+    path = tmp_path / "audit.sqlite3"
+    trail = AuditTrail(path, flush_interval_s=3600)
+    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)],
+                             cwd=Path(__file__).resolve().parents[3])
+    try:
+        for batch in range(40):
+            for i in range(5):
+                trail.append("send", outbox=batch * 5 + i, pid="parent")
+            trail.flush()
+    finally:
+        assert child.wait(60) == 0
+    records = trail.records(limit=1000)
+    assert len(records) == 400 and trail.verify() is None
+    by = [r.detail["pid"] for r in records]
+    assert by.count("child") == by.count("parent") == 200
+    trail.close()
+
+
+def test_a_c_get_store_names_the_node_as_requestor() -> None:
+    """On a C-GET the node asked and the PACS sent: the PACS is still the source."""
+    record = _record("store", calling_ae="PACS", address="10.0.0.5", study_uid="1.2.3",
+                     patient_key="ab12", sop_classes={"1.2.840.10008.5.1.4.1.1.4": 3},
+                     retrieve="C-GET")
+    msg = audit_message(record, node_ae="DICOMNODE", source_id="dicomnode/DICOMNODE")
+    assert msg is not None and check_audit_message(msg) == []
+    roles = {p.get("UserID"): (p.get("UserIsRequestor"),
+                               [c.get("csd-code") for c in p.findall("RoleIDCode")])
+             for p in msg.findall("ActiveParticipant")}
+    assert roles == {"PACS": ("false", ["110153"]), "DICOMNODE": ("true", ["110152"])}
 
 
 def _record(kind: str, outcome: int = 0, **detail: object) -> AuditRecord:
@@ -168,6 +218,11 @@ def test_web_settings_guard_the_network_and_the_tokens(tmp_path: Path,
                                 "role": "operator"}])
     (token,) = remote.web.tokens  # type: ignore[attr-defined]
     assert token.role == "operator" and "t" * 20 not in repr(token)
+    # a worker's own /metrics: the port after web.port unless said
+    assert settings.web.worker_listen_port == 9001  # type: ignore[attr-defined]
+    assert _settings(tmp_path, worker_port=0).web.worker_listen_port == 0  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"web\.worker_port: not a TCP port"):
+        _settings(tmp_path, worker_port=70000)
 
 
 def test_a_changed_configuration_is_audited_once(tmp_path: Path) -> None:
