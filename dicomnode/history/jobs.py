@@ -45,7 +45,6 @@ from dicomnode.history.jobstore import SqliteJobStore
 from dicomnode.history.priors import OffPeakWindow, PriorsFetcher, PriorsReport
 from dicomnode.history.timeline import (
     GROWTH_ALGORITHM_NAME,
-    VolumeMeasurement,
     growth_timeline,
     measurement_from_job,
     parse_study_date,
@@ -178,13 +177,6 @@ class HistoryService:
         with _active_lock:
             if _active is self:
                 _active = None
-
-    def volume_measured(self, patient_key: str, measurement: VolumeMeasurement) -> bool:
-        """The entry point for a finished tumour_volume job: cache the point, schedule
-        priors and growth for the patient. Returns whether the point was new."""
-        added = record_measurement(self.ledger, patient_key, measurement)
-        self.schedule_patient(patient_key, measurement.study_uid)
-        return added
 
     def schedule_patient(self, patient_key: str, study_uid: str) -> str | None:
         """Schedule the patient's priors and growth run now (one job per patient and
