@@ -123,8 +123,7 @@ def run_node(work: Path, files: list[Path], checkout: Path | None = None) -> Run
     made with ``git worktree add /tmp/base <commit>``, to compare in the same run."""
     config = node_config(work / "node" / "var", free_port(), routes=[])
     config["completion"] = {"series_quiet_s": 600, "study_quiet_s": 600}
-    env = {"PYTHONPATH": str(checkout)} if checkout is not None else None
-    node = start_node(work / "node", config, env=env)
+    node = start_node(work / "node", config, checkout=checkout or REPO)
     try:
         run = send(node.port, "DICOMNODE", files, node.proc.pid)
         stored = node.status()["counts"]["instances"]["stored"]

@@ -144,17 +144,18 @@ class NodeProcess:
 
 
 def start_node(workdir: Path, config: dict[str, Any], *, log_name: str = "node.log",
-               env: dict[str, str] | None = None) -> NodeProcess:
+               env: dict[str, str] | None = None, checkout: Path = REPO) -> NodeProcess:
+    """``checkout``: run the node from another copy of the repository (benchmarks)."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "node.yaml"
     cfg.write_text(yaml.safe_dump(config))
     log_path = workdir / log_name
     full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")])
+    full_env["PYTHONPATH"] = os.pathsep.join([str(checkout), full_env.get("PYTHONPATH", "")])
     full_env.update(env or {})
     with log_path.open("ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve", "--config",
-                                 str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                 str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=checkout,
                                 env=full_env)
     port = int(config["node"]["port"])
     node = NodeProcess(cfg, port, Path(config["node"]["storage"]), proc, log_path)
