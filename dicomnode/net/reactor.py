@@ -11,7 +11,9 @@ work the loop is waiting for arrives:
 - on an accepted association's thread, when a decoded DIMSE message is queued for it
   (the node's SCP handlers run on that thread; requested associations, where a
   caller blocks on the same queue for its responses, keep the plain sleep);
-- on a DUL thread, when its socket becomes readable.
+- on a DUL thread, when its socket becomes readable or when a primitive is queued for it
+  to send (the association thread's C-STORE-RSP waited up to 1 ms for the DUL's next look
+  at its queue while the peer, waiting for that response, sent nothing to wake it).
 
 Otherwise it sleeps for the same time, so every loop still runs its other checks
 (release, abort, timeouts) exactly as often as before: it can only wake earlier.
@@ -19,9 +21,12 @@ Otherwise it sleeps for the same time, so every loop still runs its other checks
 
 from __future__ import annotations
 
+import contextlib
+import os
 import select
 import threading
 import time as _time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -29,6 +34,33 @@ from pynetdicom import association as _association
 from pynetdicom import dul as _dul
 
 _installed = False
+_WAKE_ATTR = "_dicomnode_send_wake"
+
+
+class _SendWake:
+    """An eventfd a DUL thread selects on beside its socket; set when a primitive is queued
+    for it to send. Closed by the DUL thread itself when its reactor ends; setting it after
+    that does nothing (the lock keeps a write off a closed, perhaps reused, descriptor)."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+
+    def set(self) -> None:
+        with self._lock:
+            if self.fd >= 0:
+                with contextlib.suppress(OSError):  # saturated: it is set either way
+                    os.eventfd_write(self.fd, 1)
+
+    def clear(self) -> None:
+        with contextlib.suppress(OSError):  # already clear
+            os.eventfd_read(self.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 class _WakeOnWork:
@@ -57,9 +89,13 @@ class _WakeOnWork:
         if seconds > 0 and isinstance(thread, _dul.DULServiceProvider):
             sock = getattr(thread.socket, "socket", None)
             fileno = sock.fileno() if sock is not None else -1
+            wake: _SendWake | None = getattr(thread, _WAKE_ATTR, None)
             if fileno >= 0:
+                fds = [fileno] if wake is None or wake.fd < 0 else [fileno, wake.fd]
                 try:
-                    select.select([fileno], [], [], seconds)
+                    readable, _, _ = select.select(fds, [], [], seconds)
+                    if wake is not None and wake.fd in readable:
+                        wake.clear()
                     return
                 except (OSError, ValueError):
                     pass  # closed under us: fall back to a plain sleep
@@ -73,4 +109,32 @@ def install() -> None:
         return
     _association.time = _WakeOnWork(_time)  # type: ignore[assignment,attr-defined]
     _dul.time = _WakeOnWork(_time)  # type: ignore[assignment,attr-defined]
+    if hasattr(os, "eventfd"):  # Linux; elsewhere the DUL keeps waking on its socket only
+        global _dul_run_reactor, _dul_send_pdu
+        provider = _dul.DULServiceProvider
+        _dul_run_reactor, _dul_send_pdu = provider.run_reactor, provider.send_pdu
+        provider.run_reactor = _run_reactor_with_wake  # type: ignore[method-assign]
+        provider.send_pdu = _send_pdu_and_wake  # type: ignore[method-assign]
     _installed = True
+
+
+_dul_run_reactor: Callable[[_dul.DULServiceProvider], None] | None = None
+_dul_send_pdu: Callable[[_dul.DULServiceProvider, Any], None] | None = None
+
+
+def _run_reactor_with_wake(self: _dul.DULServiceProvider) -> None:
+    wake = _SendWake()
+    setattr(self, _WAKE_ATTR, wake)
+    try:
+        assert _dul_run_reactor is not None
+        _dul_run_reactor(self)
+    finally:
+        wake.close()
+
+
+def _send_pdu_and_wake(self: _dul.DULServiceProvider, primitive: Any) -> None:
+    assert _dul_send_pdu is not None
+    _dul_send_pdu(self, primitive)
+    wake: _SendWake | None = getattr(self, _WAKE_ATTR, None)
+    if wake is not None:
+        wake.set()

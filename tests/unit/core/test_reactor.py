@@ -7,10 +7,12 @@ import socket
 import threading
 import time
 
+import pytest
 from pynetdicom import AE
 from pynetdicom import association as pyn_association
 from pynetdicom import dul as pyn_dul
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import P_DATA
 
 from dicomnode.net import reactor
 
@@ -99,6 +101,77 @@ def test_dul_sleep_ends_when_its_socket_is_readable() -> None:
         peer.sendall(b"\x04")
         dul.join(5)
         assert slept and slept[0] < 1.0, f"slept {slept} with data waiting"
+    finally:
+        ours.close()
+        peer.close()
+
+
+def _dul_with_one_sleep(monkeypatch: pytest.MonkeyPatch, sock: socket.socket,
+                        seconds: float, slept: list[float]) -> pyn_dul.DULServiceProvider:
+    """A DUL thread that runs the installed reactor wrapper (so it has the send wake-up
+    every DUL gets) around one patched sleep instead of pynetdicom's loop."""
+
+    def one_sleep(dul: pyn_dul.DULServiceProvider) -> None:
+        started = time.monotonic()
+        vars(pyn_dul)["time"].sleep(seconds)
+        slept.append(time.monotonic() - started)
+
+    monkeypatch.setattr(reactor, "_dul_run_reactor", one_sleep)
+
+    class _Dul(pyn_dul.DULServiceProvider):
+        def run(self) -> None:
+            self.run_reactor()
+
+    dul = _Dul(Association(AE(), "acceptor"))
+    dul.socket = type("S", (), {"socket": sock})()  # type: ignore[assignment]
+    return dul
+
+
+def test_dul_sleep_ends_when_a_primitive_is_queued_to_send(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The association thread's response must not wait for the DUL's next 1 ms look."""
+    reactor.install()
+    ours, peer = socket.socketpair()
+    slept: list[float] = []
+    dul = _dul_with_one_sleep(monkeypatch, ours, 5.0, slept)
+    try:
+        dul.start()
+        time.sleep(0.05)
+        dul.send_pdu(P_DATA())
+        dul.join(5)
+        assert slept and slept[0] < 1.0, f"slept {slept} with a primitive to send"
+        assert dul.to_provider_queue.qsize() == 1
+    finally:
+        ours.close()
+        peer.close()
+
+
+def test_dul_sleep_without_anything_to_send_lasts_as_before(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reactor.install()
+    ours, peer = socket.socketpair()
+    slept: list[float] = []
+    dul = _dul_with_one_sleep(monkeypatch, ours, 0.2, slept)
+    try:
+        dul.start()
+        dul.join(5)
+        assert slept and slept[0] >= 0.19
+    finally:
+        ours.close()
+        peer.close()
+
+
+def test_send_wake_is_closed_when_the_reactor_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    reactor.install()
+    ours, peer = socket.socketpair()
+    slept: list[float] = []
+    dul = _dul_with_one_sleep(monkeypatch, ours, 0.01, slept)
+    try:
+        dul.start()
+        dul.join(5)
+        wake = vars(dul)[reactor._WAKE_ATTR]
+        assert wake.fd == -1
+        dul.send_pdu(P_DATA())  # after the end: queued, no write to a closed descriptor
     finally:
         ours.close()
         peer.close()
