@@ -4,7 +4,8 @@
 #                              uses at run time (dcmtk, dicom3tools) and Orthanc for the demo
 #   scripts/setup.sh --test    also the test and lint tools, the training extra (torch), and
 #                              the scale-out extra with the servers its tests start
-#                              (PostgreSQL, Redis: Debian's, never started as services)
+#                              (PostgreSQL, Redis, RabbitMQ: Debian's, never started as
+#                              services)
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,8 @@ if [ "$extras" = "[test,train,scale]" ]; then
   # the scale-out tests start their own PostgreSQL and Redis on loopback ports
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
   command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+  # and RabbitMQ, the other Celery broker (Erlang; about 57 MB installed)
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_apt+=(rabbitmq-server)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -38,8 +41,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
     # Debian starts an Orthanc service on install; the tests and demo start their own.
     (service orthanc stop || systemctl stop orthanc || true) >/dev/null 2>&1
-    # likewise PostgreSQL's and Redis's own services
-    for svc in postgresql redis-server; do
+    # likewise PostgreSQL's, Redis's and RabbitMQ's own services
+    for svc in postgresql redis-server rabbitmq-server; do
       (service "$svc" stop || systemctl stop "$svc" || true) >/dev/null 2>&1
     done
   else

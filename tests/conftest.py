@@ -6,4 +6,4 @@ import warnings
 
 warnings.filterwarnings("ignore", message=".*Invalid value for VR.*")
 
-from tests.servers import ledger_url, pg_server  # noqa: E402, F401  (fixtures)
+from tests.servers import celery_broker, ledger_url, pg_server  # noqa: E402, F401  (fixtures)

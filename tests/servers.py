@@ -1,5 +1,5 @@
-"""Database and broker servers for the scale-out tests: Debian's PostgreSQL and Redis,
-each started by the test itself in a temporary folder on a free loopback port.
+"""Database and broker servers for the scale-out tests: Debian's PostgreSQL, Redis and
+RabbitMQ, each started by the test itself in a temporary folder on a free loopback port.
 
 Under CI=true a missing server is a failure, never a skip (``tests.peers.require_tool``).
 PostgreSQL refuses to run as root, so as root it runs as the ``postgres`` user that
@@ -35,15 +35,18 @@ def _missing(message: str) -> None:
     pytest.skip(message)
 
 
-def _stop(proc: subprocess.Popen[Any], workdir: Path) -> None:
-    """SIGTERM, SIGKILL after 30 s, then remove the server's temporary folder."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+def _stop(proc: subprocess.Popen[Any], workdir: Path,
+          *more: subprocess.Popen[Any]) -> None:
+    """SIGTERM, SIGKILL after 30 s, for the server and then ``more`` (its helpers, in
+    order); then remove the server's temporary folder."""
+    for p in (proc, *more):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -175,6 +178,104 @@ def start_redis() -> Redis:
     return redis
 
 
+@dataclass
+class RabbitMQ:
+    port: int
+    workdir: Path
+    proc: subprocess.Popen[bytes]
+    epmd: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def log_text(self) -> str:
+        return "".join(p.read_text(errors="replace")
+                       for p in sorted((self.workdir / "log").glob("*.log")))
+
+    def stop(self) -> None:
+        _stop(self.proc, self.workdir, self.epmd)  # the broker first, then its epmd
+
+
+_RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # Debian's; /usr/sbin's runs su
+
+
+def start_rabbitmq() -> RabbitMQ:
+    """A private RabbitMQ on a free loopback port: its own node name, Erlang cookie
+    (``HOME``), data and log folders, config, and its own ``epmd`` on another free port,
+    so it neither meets nor disturbs a RabbitMQ or Erlang node already on the machine.
+    Nothing of Debian's ``/etc/rabbitmq`` is read."""
+    server = _RABBITMQ_SERVER if os.access(_RABBITMQ_SERVER, os.X_OK) else None
+    epmd = shutil.which("epmd")
+    if server is None or epmd is None:
+        _missing("rabbitmq-server (Debian's rabbitmq-server) is not installed "
+                 "(run scripts/setup.sh --test, which installs it)")
+        raise AssertionError("unreachable")
+    workdir = Path(tempfile.mkdtemp(prefix="dicomnode-rabbitmq-"))
+    port, epmd_port, dist_port = free_port(), free_port(), free_port()
+    (workdir / "rabbitmq.conf").write_text(
+        f"listeners.tcp.default = 127.0.0.1:{port}\n"
+        "loopback_users.guest = true\n"  # guest/guest, from loopback only (the default)
+        "log.console = false\n"
+        "log.file.level = info\n")
+    (workdir / "enabled_plugins").write_text("[].\n")
+    (workdir / "rabbitmq-env.conf").write_text("")
+    cookie = workdir / ".erlang.cookie"
+    cookie.write_text(f"dicomnode{os.getpid()}{port}{epmd_port}")
+    cookie.chmod(0o400)
+    env = {**os.environ, "HOME": str(workdir),
+           "ERL_EPMD_PORT": str(epmd_port), "ERL_EPMD_ADDRESS": "127.0.0.1",
+           "RABBITMQ_CONF_ENV_FILE": str(workdir / "rabbitmq-env.conf"),
+           "RABBITMQ_CONFIG_FILE": str(workdir / "rabbitmq.conf"),
+           "RABBITMQ_ADVANCED_CONFIG_FILE": str(workdir / "advanced.config"),
+           "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
+           "RABBITMQ_NODENAME": f"dicomnode-test-{os.getpid()}-{port}@localhost",
+           "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_NODE_PORT": str(port),
+           "RABBITMQ_DIST_PORT": str(dist_port),
+           "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+           "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
+           "RABBITMQ_LOG_BASE": str(workdir / "log"),
+           "RABBITMQ_PID_FILE": str(workdir / "rabbitmq.pid")}
+    # epmd in the foreground, ours to stop (Erlang would start a daemon that outlives it)
+    epmd_proc = subprocess.Popen([epmd, "-port", str(epmd_port), "-address", "127.0.0.1"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = open(workdir / "startup.log", "wb")  # noqa: SIM115 - the server's lifetime
+    proc = subprocess.Popen([server], cwd=workdir, env=env, stdout=out,
+                            stderr=subprocess.STDOUT)
+    broker = RabbitMQ(port, workdir, proc, epmd_proc)
+    try:
+        # the AMQP listener opens last in RabbitMQ's boot: listening is ready
+        wait_for(lambda: proc.poll() is not None or port_open(port), 90, "RabbitMQ to listen")
+        if proc.poll() is not None:
+            raise RuntimeError("rabbitmq-server exited at start: "
+                               + (workdir / "startup.log").read_text(errors="replace")[-2000:])
+    except BaseException:
+        broker.stop()
+        raise
+    return broker
+
+
+@contextlib.contextmanager
+def rabbitmq_running() -> Iterator[RabbitMQ]:
+    server = start_rabbitmq()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+BROKERS = ("redis", "rabbitmq")
+
+
+@contextlib.contextmanager
+def broker_running(kind: str) -> Iterator[Redis | RabbitMQ]:
+    """A Celery broker of one of :data:`BROKERS`."""
+    if kind not in BROKERS:
+        raise ValueError(f"unknown broker {kind!r}")
+    with redis_running() if kind == "redis" else rabbitmq_running() as server:
+        yield server
+
+
 @contextlib.contextmanager
 def postgres_running(**kwargs: bool) -> Iterator[Postgres]:
     server = start_postgres(**kwargs)
@@ -199,6 +300,14 @@ def redis_running() -> Iterator[Redis]:
 def pg_server() -> Iterator[Postgres]:
     """One PostgreSQL cluster for the test session; each test gets its own database."""
     with postgres_running() as server:
+        yield server
+
+
+@pytest.fixture(scope="module", params=BROKERS)
+def celery_broker(request: pytest.FixtureRequest) -> Iterator[Redis | RabbitMQ]:
+    """Each Celery test once per broker, Redis and RabbitMQ, each started once per test
+    module (RabbitMQ takes seconds to boot)."""
+    with broker_running(str(request.param)) as server:
         yield server
 
 

@@ -14,8 +14,14 @@ the process running them dies (``task_reject_on_worker_lost``). A worker killed 
 whole is caught by the ledger, not the broker: its job keeps ``running`` with the claim
 time, and once the lease (the job timeout plus a margin) has run out the dispatcher puts
 it back to pending (the attempt counts) and publishes it again, so it runs once more
-elsewhere. Redis's own redelivery (its visibility timeout, set to the same lease) may
-repeat the message too; the claim turns that repeat into a no-op.
+elsewhere. The broker's own redelivery may repeat the message too, and the claim turns
+that repeat into a no-op: Redis gives an unacknowledged message back after its
+visibility timeout (set to the same lease); RabbitMQ at once, when the dead worker's
+connection closes (the job is then still ``running`` in the ledger, so the repeat is
+dropped and the lease decides, as with Redis). RabbitMQ also takes a message back from a
+live consumer that holds it longer than its ``consumer_timeout`` (30 min by default), so
+that must exceed the lease (:func:`consumer_timeout_warning`). Publishes to RabbitMQ are
+confirmed by the broker, so a message it did not take is an error in the dispatcher.
 """
 
 from __future__ import annotations
@@ -41,6 +47,38 @@ def lease_s(settings: Settings) -> float:
     return settings.jobs.timeout_s * 1.25 + 5.0
 
 
+# RabbitMQ's default consumer_timeout (since 3.8.15): a delivery unacknowledged this long
+# closes its consumer's channel and goes back to the queue
+RABBITMQ_CONSUMER_TIMEOUT_S = 1800.0
+
+
+def is_amqp(broker: str | None) -> bool:
+    return (broker or "").startswith(("amqp://", "amqps://"))
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """Redis: an unacknowledged message comes back after ``visibility_timeout``, which
+    must outlast a job (else a running job's message is handed to a second worker, whose
+    claim then drops it): the lease. RabbitMQ: messages come back when their consumer's
+    connection or channel closes, whatever their age (no visibility timeout); publisher
+    confirms make a message the broker did not take an error for the dispatcher."""
+    if is_amqp(settings.jobs.broker):
+        return {"confirm_publish": True}
+    return {"visibility_timeout": lease_s(settings)}
+
+
+def consumer_timeout_warning(settings: Settings) -> str | None:
+    """A line for the worker's log when a job may outlast RabbitMQ's default
+    ``consumer_timeout`` (the ledger still keeps it from running twice, but the broker
+    would close the worker's channel mid-job and re-deliver the message)."""
+    if not is_amqp(settings.jobs.broker) or lease_s(settings) <= RABBITMQ_CONSUMER_TIMEOUT_S:
+        return None
+    return (f"jobs.timeout_s {settings.jobs.timeout_s:.0f} s: a job may hold its message "
+            f"longer than RabbitMQ's default consumer_timeout "
+            f"({RABBITMQ_CONSUMER_TIMEOUT_S:.0f} s); set consumer_timeout in rabbitmq.conf "
+            f"to at least {int(lease_s(settings) * 1000)} (ms)")
+
+
 def make_app(settings: Settings) -> Any:
     from celery import Celery
 
@@ -53,7 +91,7 @@ def make_app(settings: Settings) -> Any:
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
-        broker_transport_options={"visibility_timeout": lease_s(settings)},
+        broker_transport_options=transport_options(settings),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
@@ -222,6 +260,9 @@ def run_worker(settings: Settings) -> None:
         node.run_job(job_id)
 
     name = f"dicomnode-{os.getpid()}@{socket.gethostname()}"
+    warning = consumer_timeout_warning(settings)
+    if warning is not None:
+        log.warning("worker: %s", warning)
     node.start()
     log.info("worker %s: %d slot(s), queue %s", name, settings.jobs.workers, QUEUE)
     try:

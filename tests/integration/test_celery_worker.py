@@ -1,5 +1,5 @@
-"""A ``dicomnode worker`` (Celery, real Redis) beside a receiver: what a job finished on
-the worker leaves behind besides its results.
+"""A ``dicomnode worker`` (Celery, with real Redis and real RabbitMQ as the broker)
+beside a receiver: what a job finished on the worker leaves behind besides its results.
 
 The receiver runs in this process (``jobs.engine: celery``: it only dispatches); the
 worker is the real command in its own process, sharing the SQLite ledger and the spool
@@ -15,11 +15,9 @@ from __future__ import annotations
 import signal
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from dicomnode.config import parse_settings
@@ -27,15 +25,9 @@ from dicomnode.ops.audit import AuditTrail
 from dicomnode.phantoms.brain_mr import write_brain_mr_growth_study
 from dicomnode.service import Node
 from tests.peers import free_port, node_config, storescu, wait_for
-from tests.servers import Redis, redis_running, start_worker
+from tests.servers import RabbitMQ, Redis, start_worker
 
 TOKEN = "worker-metrics-token-0123456789"
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[Redis]:
-    with redis_running() as server:
-        yield server
 
 
 def _scrape(port: int, token: str | None) -> tuple[int, str]:
@@ -50,7 +42,7 @@ def _scrape(port: int, token: str | None) -> tuple[int, str]:
 
 
 def test_a_job_finished_on_a_worker_updates_the_timeline_metrics_and_audit(
-        tmp_path: Path, redis: Redis) -> None:
+        tmp_path: Path, celery_broker: Redis | RabbitMQ) -> None:
     files = write_brain_mr_growth_study(tmp_path / "phantoms", seed=41, volumes_cm3=[3.0, 4.5],
                                         matrix=64, n_slices=8)
     dates = sorted({str(pydicom.dcmread(f, stop_before_pixels=True).StudyDate)
@@ -71,7 +63,7 @@ def test_a_job_finished_on_a_worker_updates_the_timeline_metrics_and_audit(
                                  "tests.support.volume_pipeline:VolumeStandIn"},
                    "node": {"spool": str(shared)},
                    "ledger": {"url": f"sqlite:///{shared / 'ledger.sqlite3'}"},
-                   "jobs": {"engine": "celery", "broker": redis.url},
+                   "jobs": {"engine": "celery", "broker": celery_broker.url},
                    "query": {"send_to": ["pacs"]},
                    "web": {"port": free_port(), "worker_port": worker_port,
                            "tokens": [{"name": "prometheus", "token": TOKEN}]}})
