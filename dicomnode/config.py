@@ -273,6 +273,37 @@ class WebSettings:
         return self.port + 1 if 0 < self.port < 65535 else 0
 
 
+SYSLOG_SCHEMES = {"udp": 514, "tcp": 514, "tls": 6514}  # with each one's default port
+
+
+@dataclass(frozen=True)
+class SyslogSettings:
+    """Where audit records are also sent, as DICOM audit messages in RFC 5424 syslog
+    messages (IHE ITI-20 Record Audit Event): ``udp://host:514`` (RFC 5426),
+    ``tcp://host:514`` (RFC 6587 octet counting) or ``tls://host:6514`` (RFC 5425). For
+    TLS, ``ca`` verifies the repository (the system store if absent) and ``cert``/``key``
+    are the node's client certificate (ATNA's mutual node authentication)."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    check_hostname: bool = True
+    max_queued: int = 10000
+    timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The audit trail: always ``<node.storage>/audit.sqlite3``; ``syslog`` optionally
+    forwards each record to an Audit Record Repository as well."""
+
+    syslog: SyslogSettings | None = None
+
+
 @dataclass(frozen=True)
 class Settings:
     node: NodeSettings
@@ -290,6 +321,7 @@ class Settings:
     query: QuerySettings = field(default_factory=QuerySettings)
     web: WebSettings = field(default_factory=WebSettings)
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @property
     def spool_dir(self) -> Path:
@@ -576,6 +608,52 @@ def _parse_web(r: _Reader, data: Any) -> WebSettings:
                        worker_port)
 
 
+def _parse_syslog(r: _Reader, data: Any) -> SyslogSettings | None:
+    if data is None:
+        return None
+    key = "audit.syslog"
+    y = r.mapping(data, key)
+    r.unknown(y, key, {"url", "ca", "cert", "key", "check_hostname", "max_queued",
+                       "timeout_s"})
+    url = r.string(y, key, "url", "")
+    match = re.match(r"^(udp|tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+)(?::(\d{1,5}))?/?$", url)
+    if match is None:
+        r.problem(f"{key}.url", "expected udp://host:port, tcp://host:port or "
+                                f"tls://host:port, got {url!r}")
+        return None
+    scheme, host = match[1], match[2].strip("[]")
+    port = int(match[3]) if match[3] else SYSLOG_SCHEMES[scheme]
+    if not 0 < port < 65536:
+        r.problem(f"{key}.url", f"not a port: {port}")
+    paths: dict[str, Path | None] = {}
+    for name in ("ca", "cert", "key"):
+        value = y.get(name)
+        if value is None:
+            paths[name] = None
+            continue
+        if scheme != "tls":
+            r.problem(f"{key}.{name}", f"only for tls:// (the url is {scheme}://)")
+        if not isinstance(value, str) or not value:
+            r.problem(f"{key}.{name}", f"expected a file path, got {value!r}")
+            paths[name] = None
+            continue
+        path = Path(value)
+        if not path.is_file():
+            r.problem(f"{key}.{name}", f"no such file: {value}")
+        paths[name] = path
+    if (paths["cert"] is None) != (paths["key"] is None):
+        r.problem(f"{key}.cert", "give cert and key together (the node's client certificate)")
+    check = y.get("check_hostname", True)
+    if not isinstance(check, bool):
+        r.problem(f"{key}.check_hostname", f"expected true or false, got {check!r}")
+        check = True
+    return SyslogSettings(
+        url=url, scheme=scheme, host=host, port=port, ca=paths["ca"], cert=paths["cert"],
+        key=paths["key"], check_hostname=check,
+        max_queued=r.number(y, key, "max_queued", 10000, minimum=1, integer=True),
+        timeout_s=float(r.number(y, key, "timeout_s", 5.0, minimum=0.1)))
+
+
 def load_settings(path: Path) -> Settings:
     """Read and validate a config file; raise ConfigError listing every problem."""
     try:
@@ -594,7 +672,7 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
     top = r.mapping(data, "(top level)")
     r.unknown(top, "", {"node", "security", "completion", "destinations", "routes", "query",
                         "models", "jobs", "outbox", "logging", "pipelines", "web",
-                        "ledger"})
+                        "ledger", "audit"})
 
     plugins: dict[str, str] = {}
     for plugin, target in r.mapping(top.get("pipelines"), "pipelines").items():
@@ -788,11 +866,15 @@ def parse_settings(data: Any, *, source: Path | None = None) -> Settings:
 
     web = _parse_web(r, top.get("web"))
 
+    au = r.mapping(top.get("audit"), "audit")
+    r.unknown(au, "audit", {"syslog"})
+    audit = AuditSettings(_parse_syslog(r, au.get("syslog")))
+
     if r.problems:
         raise ConfigError(r.problems)
     return Settings(node, security, completion, destinations, tuple(routes), jobs, outbox,
                     query_source, models_dir, level, source, plugins, query, web,
-                    LedgerSettings(ledger_url))
+                    LedgerSettings(ledger_url), audit)
 
 
 def _ledger_url(r: _Reader, url: str) -> str | None:

@@ -28,6 +28,7 @@ from dicomnode.net.scp import StoreSCP
 from dicomnode.ops.audit import AUDIT_NAME, AuditTrail
 from dicomnode.ops.observer import Operations
 from dicomnode.ops.reader import LedgerReader
+from dicomnode.ops.syslog import syslog_forwarder
 from dicomnode.routing.router import Router, routing_keywords
 from dicomnode.routing.rules import header_values
 from dicomnode.web.api import StatusApi
@@ -61,7 +62,8 @@ class Node:
         self.ledger = open_ledger(settings, clock)
         self.router = Router(settings.routes, header_loader=self._series_header)
         self.completion = CompletionTracker(self.ledger, self.router, settings.completion)
-        self.audit = AuditTrail(settings.spool_dir / AUDIT_NAME, clock=clock)
+        self.audit = AuditTrail(settings.spool_dir / AUDIT_NAME, clock=clock,
+                                forwarder=syslog_forwarder(settings))
         self.reader = LedgerReader(settings.spool_dir / LEDGER_NAME, settings.ledger.url)
         self.ops = Operations(settings, self.reader, self.audit)
         self.outbox = OutboxSender(settings, self.ledger, self.spool, events=self.ops)

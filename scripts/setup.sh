@@ -33,6 +33,10 @@ if [ "$extras" = "[test,train,scale]" ]; then
   command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
   # and RabbitMQ, the other Celery broker (Erlang; about 57 MB installed)
   [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_apt+=(rabbitmq-server)
+  # the audit forwarding tests start their own rsyslog (with its GnuTLS driver) as the
+  # Audit Record Repository; an rsyslog already logging for the machine is left alone
+  command -v rsyslogd >/dev/null 2>&1 || need_apt+=(rsyslog)
+  compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null || need_apt+=(rsyslog-gnutls)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

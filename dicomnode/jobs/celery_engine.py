@@ -171,7 +171,8 @@ class WorkerNode:
       receiver's SQLite file safely (SQLite's locks do not hold over NFS), so each
       machine keeps its own chained trail; processes sharing one ``node.storage`` on one
       machine may append to the same file (each batch is chained inside one
-      ``BEGIN IMMEDIATE`` transaction).
+      ``BEGIN IMMEDIATE`` transaction). With ``audit.syslog`` every process also sends
+      its records to the site's Audit Record Repository, where they come together.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -180,11 +181,13 @@ class WorkerNode:
         from dicomnode.ops.audit import AUDIT_NAME, AuditTrail
         from dicomnode.ops.observer import Operations
         from dicomnode.ops.reader import LedgerReader
+        from dicomnode.ops.syslog import syslog_forwarder
         from dicomnode.service import LEDGER_NAME, open_ledger
 
         self.settings = settings
         self.ledger = open_ledger(settings)
-        self.audit = AuditTrail(settings.spool_dir / AUDIT_NAME)
+        self.audit = AuditTrail(settings.spool_dir / AUDIT_NAME,
+                                forwarder=syslog_forwarder(settings))
         self.reader = LedgerReader(settings.spool_dir / LEDGER_NAME, settings.ledger.url)
         self.ops = Operations(settings, self.reader, self.audit, role="worker")
         self._follow_up = volume_follow_up

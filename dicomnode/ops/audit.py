@@ -10,9 +10,12 @@ made behind the database's back shows in ``verify()``.
 
 Recording is cheap on purpose: ``append`` puts the record in memory; a writer thread
 stores what has accumulated once per ``flush_interval_s`` in one transaction (one fsync
-per batch, none per instance). Stores are recorded once per association and study, when
-the association ends, as DICOM's own "Instances Transferred" audit message does. A crash
-loses at most the last interval's records; the ledger still holds every instance.
+per batch, none per instance), then hands the stored records to the ``forwarder`` if one
+is configured (:mod:`dicomnode.ops.syslog`, which only queues them: a slow or absent
+Audit Record Repository delays neither the associations nor the local trail). Stores
+are recorded once per association and study, when the association ends, as DICOM's own
+"Instances Transferred" audit message does. A crash loses at most the last interval's
+records; the ledger still holds every instance.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dicomnode.ops.syslog import SyslogForwarder
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +99,12 @@ def _check_detail(detail: Mapping[str, Any]) -> None:
 
 class AuditTrail:
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
-                 flush_interval_s: float = 1.0) -> None:
+                 flush_interval_s: float = 1.0,
+                 forwarder: SyslogForwarder | None = None) -> None:
         self.path = path
         self.clock = clock
         self.flush_interval_s = flush_interval_s
+        self.forwarder = forwarder
         self._buffer: deque[tuple[float, str, int, str]] = deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -127,6 +135,7 @@ class AuditTrail:
                 batch.append(self._buffer.popleft())
             if not batch:
                 return 0
+            stored: list[AuditRecord] = []
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -134,8 +143,12 @@ class AuditTrail:
                 prev = str(row[0]) if row is not None else _GENESIS
                 for at, kind, outcome, detail in batch:
                     digest = _chain(prev, at, kind, outcome, detail)
-                    db.execute("INSERT INTO audit (at, kind, outcome, detail, prev, hash) "
-                               "VALUES (?,?,?,?,?,?)", (at, kind, outcome, detail, prev, digest))
+                    cur = db.execute("INSERT INTO audit (at, kind, outcome, detail, prev, hash) "
+                                     "VALUES (?,?,?,?,?,?)",
+                                     (at, kind, outcome, detail, prev, digest))
+                    if self.forwarder is not None:
+                        stored.append(AuditRecord(int(cur.lastrowid or 0), at, kind, outcome,
+                                                  json.loads(detail), digest))
                     prev = digest
             except BaseException:
                 db.execute("ROLLBACK")
@@ -144,9 +157,13 @@ class AuditTrail:
             db.execute("COMMIT")
         if self.on_written is not None:
             self.on_written(len(batch))
+        if self.forwarder is not None:
+            self.forwarder.submit(stored)
         return len(batch)
 
     def start(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.start()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -165,6 +182,8 @@ class AuditTrail:
             self._thread.join(10)
             self._thread = None
         self.flush()
+        if self.forwarder is not None:  # after the last flush: the stop record goes too
+            self.forwarder.stop()
 
     def close(self) -> None:
         self.stop()

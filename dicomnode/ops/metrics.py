@@ -84,6 +84,17 @@ class NodeMetrics:
             "results", ["destination"], buckets=_SLOW, registry=r)
         self.audit_records = Counter("dicomnode_audit_records",
                                      "Records appended to the audit trail", registry=r)
+        self.audit_forwarded = Counter(
+            "dicomnode_audit_forwarded",
+            "Audit records sent to the Audit Record Repository (audit.syslog)", registry=r)
+        self.audit_forward_failures = Counter(
+            "dicomnode_audit_forward_failures",
+            "Failed attempts to send an audit record to the Audit Record Repository (the "
+            "record is tried again)", registry=r)
+        self.audit_forward_dropped = Counter(
+            "dicomnode_audit_forward_dropped",
+            "Audit records never sent to the Audit Record Repository (queue full, or too "
+            "large for UDP); the local trail keeps them", registry=r)
         if queue_counts is not None:
             r.register(_QueueDepth(queue_counts))
 

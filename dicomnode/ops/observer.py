@@ -66,6 +66,11 @@ class Operations:
         self.metrics = NodeMetrics(
             queue_counts=self._queue_counts if role == "receiver" else None)
         self.audit.on_written = self.metrics.audit_records.inc
+        forwarder = self.audit.forwarder
+        if forwarder is not None:
+            forwarder.on_sent = self.metrics.audit_forwarded.inc
+            forwarder.on_failed = self.metrics.audit_forward_failures.inc
+            forwarder.on_dropped = self.metrics.audit_forward_dropped.inc
         self._pid = os.getpid()
 
     def _queue_counts(self) -> Mapping[str, Mapping[str, int]]:
