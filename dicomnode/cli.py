@@ -46,8 +46,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _setup_logging("DEBUG" if args.debug else settings.log_level)
     from dicomnode.jobs.celery_engine import run_worker
 
-    run_worker(settings)
-    return 0
+    return run_worker(settings)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

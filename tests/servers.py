@@ -200,11 +200,14 @@ class RabbitMQ:
 _RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # Debian's; /usr/sbin's runs su
 
 
-def start_rabbitmq() -> RabbitMQ:
+def start_rabbitmq(*, consumer_timeout_ms: int | None = None,
+                   channel_tick_ms: int | None = None) -> RabbitMQ:
     """A private RabbitMQ on a free loopback port: its own node name, Erlang cookie
     (``HOME``), data and log folders, config, and its own ``epmd`` on another free port,
     so it neither meets nor disturbs a RabbitMQ or Erlang node already on the machine.
-    Nothing of Debian's ``/etc/rabbitmq`` is read."""
+    Nothing of Debian's ``/etc/rabbitmq`` is read. ``consumer_timeout_ms``: how long a
+    consumer may hold a delivery (RabbitMQ's default 30 min), checked every
+    ``channel_tick_ms`` (default once a minute)."""
     server = _RABBITMQ_SERVER if os.access(_RABBITMQ_SERVER, os.X_OK) else None
     epmd = shutil.which("epmd")
     if server is None or epmd is None:
@@ -217,7 +220,11 @@ def start_rabbitmq() -> RabbitMQ:
         f"listeners.tcp.default = 127.0.0.1:{port}\n"
         "loopback_users.guest = true\n"  # guest/guest, from loopback only (the default)
         "log.console = false\n"
-        "log.file.level = info\n")
+        "log.file.level = info\n"
+        + (f"consumer_timeout = {consumer_timeout_ms}\n" if consumer_timeout_ms else ""))
+    if channel_tick_ms is not None:
+        (workdir / "advanced.config").write_text(
+            f"[{{rabbit, [{{channel_tick_interval, {int(channel_tick_ms)}}}]}}].\n")
     (workdir / "enabled_plugins").write_text("[].\n")
     (workdir / "rabbitmq-env.conf").write_text("")
     cookie = workdir / ".erlang.cookie"
@@ -256,8 +263,8 @@ def start_rabbitmq() -> RabbitMQ:
 
 
 @contextlib.contextmanager
-def rabbitmq_running() -> Iterator[RabbitMQ]:
-    server = start_rabbitmq()
+def rabbitmq_running(**kwargs: int) -> Iterator[RabbitMQ]:
+    server = start_rabbitmq(**kwargs)
     try:
         yield server
     finally:

@@ -19,7 +19,8 @@ that repeat into a no-op: Redis gives an unacknowledged message back after its
 visibility timeout (set to the same lease); RabbitMQ at once, when the dead worker's
 connection closes (the job is then still ``running`` in the ledger, so the repeat is
 dropped and the lease decides, as with Redis). RabbitMQ also takes a message back from a
-live consumer that holds it longer than its ``consumer_timeout`` (30 min by default), so
+live consumer that holds it longer than its ``consumer_timeout`` (30 min by default),
+and Celery then stops the worker once its job is done (:func:`run_worker` exits 1), so
 that must exceed the lease (:func:`consumer_timeout_warning`). Publishes to RabbitMQ are
 confirmed by the broker, so a message it did not take is an error in the dispatcher.
 """
@@ -70,13 +71,14 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 def consumer_timeout_warning(settings: Settings) -> str | None:
     """A line for the worker's log when a job may outlast RabbitMQ's default
     ``consumer_timeout`` (the ledger still keeps it from running twice, but the broker
-    would close the worker's channel mid-job and re-deliver the message)."""
+    would close the worker's channel mid-job, and Celery would stop the worker)."""
     if not is_amqp(settings.jobs.broker) or lease_s(settings) <= RABBITMQ_CONSUMER_TIMEOUT_S:
         return None
     return (f"jobs.timeout_s {settings.jobs.timeout_s:.0f} s: a job may hold its message "
             f"longer than RabbitMQ's default consumer_timeout "
-            f"({RABBITMQ_CONSUMER_TIMEOUT_S:.0f} s); set consumer_timeout in rabbitmq.conf "
-            f"to at least {int(lease_s(settings) * 1000)} (ms)")
+            f"({RABBITMQ_CONSUMER_TIMEOUT_S:.0f} s), and the worker would stop after such a "
+            f"job; set consumer_timeout in rabbitmq.conf to at least "
+            f"{int(lease_s(settings) * 1000)} (ms)")
 
 
 def make_app(settings: Settings) -> Any:
@@ -252,11 +254,23 @@ class WorkerNode:
         self.ledger.dispose()
 
 
-def run_worker(settings: Settings) -> None:
+def run_worker(settings: Settings) -> int:
     """``dicomnode worker``: analysis only, ``jobs.workers`` jobs at a time, until
-    SIGTERM/SIGINT (Celery's warm shutdown lets running jobs finish)."""
+    SIGTERM/SIGINT (Celery's warm shutdown lets running jobs finish). Returns the exit
+    status: 0 after a signal, 1 when Celery stopped on its own (e.g. RabbitMQ closed the
+    channel of a job that outlasted ``consumer_timeout``: Celery calls that unrecoverable,
+    lets the running job finish and stops; ``worker_main`` would report 0, and a
+    supervisor that restarts on failure would leave the machine idle)."""
+    from celery.signals import celeryd_init
+
     node = WorkerNode(settings)
     app = make_app(settings)
+    workers: list[Any] = []
+
+    def keep_worker(sender: Any = None, instance: Any = None, **_: Any) -> None:
+        workers.append(instance)
+
+    celeryd_init.connect(keep_worker, weak=False)
 
     @app.task(name=TASK, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
     def run_job(job_id: int) -> None:
@@ -273,4 +287,10 @@ def run_worker(settings: Settings) -> None:
                          "-Q", QUEUE, "-n", name, "--without-gossip", "--without-mingle",
                          "--without-heartbeat", f"--loglevel={settings.log_level}"])
     finally:
+        celeryd_init.disconnect(keep_worker)
         node.stop()
+    code = int(getattr(workers[-1], "exitcode", None) or 0) if workers else 1
+    if code:
+        log.error("worker %s: Celery stopped by itself (exit status %d); its jobs are safe "
+                  "in the ledger, restart the worker", name, code)
+    return code

@@ -45,6 +45,18 @@ class Hang:
         raise AssertionError("unreachable")
 
 
+class Slow:
+    """Takes the route's ``options.seconds`` (a job that outlasts a broker's patience),
+    then answers like :class:`NoteOnly`."""
+
+    name = "test slow"
+    version = "1"
+
+    def run(self, work: PipelineInput) -> PipelineResult:
+        time.sleep(float(work.options.get("seconds", 5)))
+        return NoteOnly().run(work)
+
+
 class CrashOnce:
     """Kills its worker process the first time it sees a series, then succeeds."""
 
