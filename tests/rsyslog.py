@@ -12,6 +12,7 @@ whether an independent syslog implementation reads them as RFC 5424.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -120,9 +121,9 @@ def start_rsyslog(workdir: Path, tls: TlsFiles, *,
     in place), ready once every input answers."""
     exe = shutil.which("rsyslogd", path=os.pathsep.join(
         [os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))  # not on a user's PATH
-    if exe is None:
-        message = ("rsyslogd (Debian's rsyslog and rsyslog-gnutls) is not installed "
-                   "(run scripts/setup.sh --test, which installs them)")
+    if exe is None or not glob.glob("/usr/lib/*/rsyslog/lmnsd_gtls.so"):
+        message = ("rsyslogd with its TLS driver (Debian's rsyslog and rsyslog-gnutls) is "
+                   "not installed (run scripts/setup.sh --test, which installs them)")
         if in_ci():
             pytest.fail(message)
         pytest.skip(message)
