@@ -292,7 +292,7 @@ class SyslogSettings:
     cert: Path | None = None
     key: Path | None = None
     check_hostname: bool = True
-    max_queued: int = 10000
+    max_queued: int = 10000  # records read from the audit file at once (one batch)
     timeout_s: float = 5.0
 
 

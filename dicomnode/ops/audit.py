@@ -10,9 +10,10 @@ made behind the database's back shows in ``verify()``.
 
 Recording is cheap on purpose: ``append`` puts the record in memory; a writer thread
 stores what has accumulated once per ``flush_interval_s`` in one transaction (one fsync
-per batch, none per instance), then hands the stored records to the ``forwarder`` if one
-is configured (:mod:`dicomnode.ops.syslog`, which only queues them: a slow or absent
-Audit Record Repository delays neither the associations nor the local trail). Stores
+per batch, none per instance), then wakes the ``forwarder`` if one is configured
+(:mod:`dicomnode.ops.syslog`, which reads the records after its cursor from this file on
+a thread of its own: a slow or absent Audit Record Repository delays neither the
+associations nor the local trail). Stores
 are recorded once per association and study, when the association ends, as DICOM's own
 "Instances Transferred" audit message does. A crash loses at most the last interval's
 records; the ledger still holds every instance.
@@ -67,6 +68,17 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 """
 
+# Forwarding state (dicomnode.ops.syslog), not part of the trail nor of its hash chain:
+# per repository, the id of the last record handed to it and which process sends.
+FORWARD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_forward (
+    target TEXT PRIMARY KEY,
+    last_id INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    lease_until REAL NOT NULL
+);
+"""
+
 _GENESIS = "0" * 64
 
 
@@ -87,6 +99,19 @@ class AuditRecord:
 def _chain(prev: str, at: float, kind: str, outcome: int, detail: str) -> str:
     body = json.dumps([prev, repr(at), kind, outcome, detail], separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _record(row: Any) -> AuditRecord:
+    return AuditRecord(int(row[0]), float(row[1]), str(row[2]), int(row[3]),
+                       json.loads(row[4]), str(row[5]))
+
+
+def records_after(db: sqlite3.Connection, after: int, limit: int) -> list[AuditRecord]:
+    """The records with an id above ``after``, in id order, at most ``limit`` (for a
+    connection of the reader's own, such as the forwarder's)."""
+    rows = db.execute("SELECT id, at, kind, outcome, detail, hash FROM audit WHERE id > ? "
+                      "ORDER BY id LIMIT ?", (after, limit)).fetchall()
+    return [_record(r) for r in rows]
 
 
 def _check_detail(detail: Mapping[str, Any]) -> None:
@@ -115,7 +140,7 @@ class AuditTrail:
                                    check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(_SCHEMA + FORWARD_SCHEMA)
 
     # -- recording ---------------------------------------------------------------------
 
@@ -135,7 +160,7 @@ class AuditTrail:
                 batch.append(self._buffer.popleft())
             if not batch:
                 return 0
-            stored: list[AuditRecord] = []
+            last_id = 0
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -146,9 +171,7 @@ class AuditTrail:
                     cur = db.execute("INSERT INTO audit (at, kind, outcome, detail, prev, hash) "
                                      "VALUES (?,?,?,?,?,?)",
                                      (at, kind, outcome, detail, prev, digest))
-                    if self.forwarder is not None:
-                        stored.append(AuditRecord(int(cur.lastrowid or 0), at, kind, outcome,
-                                                  json.loads(detail), digest))
+                    last_id = int(cur.lastrowid or 0)
                     prev = digest
             except BaseException:
                 db.execute("ROLLBACK")
@@ -158,12 +181,12 @@ class AuditTrail:
         if self.on_written is not None:
             self.on_written(len(batch))
         if self.forwarder is not None:
-            self.forwarder.submit(stored)
+            self.forwarder.notify(last_id)
         return len(batch)
 
     def start(self) -> None:
         if self.forwarder is not None:
-            self.forwarder.start()
+            self.forwarder.start(self.path)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -203,8 +226,7 @@ class AuditTrail:
         args.append(max(1, min(limit, 10_000)))
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        return [AuditRecord(int(r[0]), float(r[1]), str(r[2]), int(r[3]), json.loads(r[4]),
-                            str(r[5])) for r in rows]
+        return [_record(r) for r in rows]
 
     def last(self, kind: str) -> AuditRecord | None:
         with self._lock:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -93,8 +94,12 @@ class NodeMetrics:
             "record is tried again)", registry=r)
         self.audit_forward_dropped = Counter(
             "dicomnode_audit_forward_dropped",
-            "Audit records never sent to the Audit Record Repository (queue full, or too "
-            "large for UDP); the local trail keeps them", registry=r)
+            "Audit records never sent to the Audit Record Repository (too large for a UDP "
+            "datagram, or not renderable); the local trail keeps them", registry=r)
+        self.audit_forward_backlog = Gauge(
+            "dicomnode_audit_forward_backlog",
+            "Records of the audit file not yet sent to the Audit Record Repository (after "
+            "its cursor; sent when the repository can be reached)", registry=r)
         if queue_counts is not None:
             r.register(_QueueDepth(queue_counts))
 

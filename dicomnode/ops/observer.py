@@ -71,6 +71,7 @@ class Operations:
             forwarder.on_sent = self.metrics.audit_forwarded.inc
             forwarder.on_failed = self.metrics.audit_forward_failures.inc
             forwarder.on_dropped = self.metrics.audit_forward_dropped.inc
+            self.metrics.audit_forward_backlog.set_function(forwarder.backlog)
         self._pid = os.getpid()
 
     def _queue_counts(self) -> Mapping[str, Mapping[str, int]]:

@@ -4,13 +4,19 @@ TLS. Each message must parse as RFC 5424 twice (rsyslog's parser and the test's 
 carry the ITI-20 header values, and hold a DICOM audit message that passes the
 project's transcription of the schema; a node's forwarded messages are its local
 trail's exportable records, one for one. An absent repository costs nothing but
-counted failures and a bounded queue; a restarted one gets the next record."""
+counted failures and a backlog; a restarted one gets the next record. Catching up: the
+repository gets every record of the local trail (compared message for message) after an
+outage, an overflow of ``max_queued``, and a node stopped by SIGTERM (none twice) or
+SIGKILL (at least once); processes sharing one audit file send each record once."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import xml.etree.ElementTree as ET
+from collections import Counter as CounterOf
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,13 +25,13 @@ import pydicom
 import pytest
 
 from dicomnode.config import SyslogSettings, parse_settings
-from dicomnode.ops.audit import MINOR_FAILURE, AuditTrail
-from dicomnode.ops.syslog import BOM, SyslogForwarder
+from dicomnode.ops.audit import MINOR_FAILURE, AuditRecord, AuditTrail
+from dicomnode.ops.syslog import BOM, SyslogForwarder, syslog_message
 from dicomnode.phantoms.dat_spect import write_dat_study
 from dicomnode.service import Node
 from tests.atna_schema import check_audit_message
 from tests.hardening.certs import issue, make_ca
-from tests.peers import free_port, node_config, storescu, wait_for
+from tests.peers import free_port, node_config, start_node, storescu, wait_for
 from tests.rsyslog import Rsyslog, TlsFiles, parse_rfc5424, start_rsyslog
 
 
@@ -127,7 +133,8 @@ def test_each_transport_delivers_rfc5424_messages_with_dicom_audit_xml(
         # ITI-20: facility 10; severity 5 (notice), 4 (warning) for a failure
         assert int(fields["pri"]) == (84 if record.outcome else 85)
         assert fields["msgid"] == b"IHE+RFC-3881" and fields["app_name"] == b"dicomnode"
-        assert fields["procid"] == str(os.getpid()).encode()
+        # PROCID: the process that made the record (its pid), else the sender
+        assert fields["procid"] == str(record.detail.get("pid", os.getpid())).encode()
         assert fields["structured_data"] == b"-"
         stamp = datetime.fromisoformat(fields["timestamp"].decode())
         assert abs(stamp.timestamp() - record.at) < 0.001 and stamp.tzinfo == UTC
@@ -139,7 +146,8 @@ def test_each_transport_delivers_rfc5424_messages_with_dicom_audit_xml(
     # rsyslog's own RFC 5424 parser read the same header
     parsed = arr.fields()[before:]
     assert [(f["version"], f["msgid"], f["app_name"], f["procid"], f["structured_data"])
-            for f in parsed] == [("1", "IHE+RFC-3881", "dicomnode", str(os.getpid()), "-")] * 3
+            for f in parsed] == [("1", "IHE+RFC-3881", "dicomnode", pid, "-")
+                                 for pid in ("7", str(os.getpid()), str(os.getpid()))]
     assert [f["pri"] for f in parsed] == ["85", "85", "84"]
     assert (counts.sent, counts.failed, counts.dropped) == (3, 0, 0)
 
@@ -182,9 +190,10 @@ def test_a_node_forwards_its_trail_to_the_repository_over_mutual_tls(
     metrics = node.ops.metrics.exposition().decode()
     assert f"dicomnode_audit_forwarded_total {float(len(local))}" in metrics
     assert "dicomnode_audit_forward_failures_total 0.0" in metrics
+    assert "dicomnode_audit_forward_backlog 0.0" in metrics
 
 
-def test_an_absent_repository_costs_counted_failures_and_a_bounded_queue(
+def test_an_absent_repository_costs_counted_failures_and_a_backlog(
         tmp_path: Path, pki: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="dicomnode.ops.syslog")
     nobody = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
@@ -198,14 +207,13 @@ def test_an_absent_repository_costs_counted_failures_and_a_bounded_queue(
         trail.append("analysis", job=i, study_uid=f"1.2.3.{i}", patient_key="c0ffee")
     assert trail.flush() == 5  # the local trail does not wait for the network
     wait_for(lambda: counts.failed >= 1, 30, "a failed attempt counted")
-    assert counts.dropped == 2 and forwarder.queued() == 3
+    assert counts.dropped == 0 and forwarder.backlog() == 5  # none given up
     trail.stop()
     assert len(trail.records()) == 5 and trail.verify() is None  # the record stays local
     trail.close()
     lines = [r.getMessage() for r in caplog.records]
     assert len([x for x in lines if "cannot send to" in x]) == 1, "logged once, not per try"
-    assert any("not forwarded" in x and "queue is full" in x for x in lines)
-    assert any("3 record(s) not forwarded" in x and "at stop" in x for x in lines)
+    assert any("5 record(s) not yet forwarded" in x and "at stop" in x for x in lines)
     assert not [x for x in lines if "1.2.3." in x or "c0ffee" in x], "no record content"
 
 
@@ -253,3 +261,194 @@ def test_a_restarted_repository_gets_the_next_record(
         for server in (first, second):
             if server is not None:
                 server.stop()
+
+
+# -- catching up: the repository gets every record of the local trail -------------------
+
+def _messages(records: list[AuditRecord]) -> CounterOf[bytes]:
+    """The syslog messages the records of a trail make, as the repository must get them
+    (PROCID: the pid a record names, else this process, as the sender's)."""
+    out: CounterOf[bytes] = CounterOf()
+    for record in records:
+        message = syslog_message(record, node_ae="DICOMNODE", source_id="dicomnode/DICOMNODE",
+                                 hostname=socket.gethostname())
+        if message is not None:
+            out[message] += 1
+    return out
+
+
+def _arrived(server: Rsyslog) -> CounterOf[bytes]:
+    """What the repository wrote (a restarted one writes on in the same files)."""
+    return CounterOf(m for _, m in server.raw())
+
+
+def _wait_arrived(expected: CounterOf[bytes], server: Rsyslog) -> None:
+    wait_for(lambda: not (expected - _arrived(server)), 60,
+             f"{sum(expected.values())} message(s) at the repository")
+
+
+def _summary(messages: CounterOf[bytes]) -> list[tuple[bytes, int]]:
+    """Short enough for an assertion's message: each message's header, how often."""
+    return sorted((m.split(BOM)[0], n) for m, n in messages.items())
+
+
+def _store(trail: AuditTrail, i: int) -> None:
+    trail.append("store", calling_ae="CT1", address="127.0.0.1", study_uid=f"1.2.3.{i}",
+                 patient_key="c0ffee", instances=i + 1, bytes=10 * (i + 1),
+                 sop_classes={"1.2.840.10008.5.1.4.1.1.2": i + 1})
+
+
+def test_records_made_while_the_repository_is_down_arrive_once_when_it_is_back(
+        tmp_path: Path, pki: dict[str, Path]) -> None:
+    tls = TlsFiles(pki["ca"], pki["arr_cert"], pki["arr_key"])
+    first = start_rsyslog(tmp_path / "arr", tls)
+    second: Rsyslog | None = None
+    forwarder = SyslogForwarder(_settings(first.url("tcp"), pki, timeout_s=0.5),
+                                node_ae="DICOMNODE", source_id="dicomnode/DICOMNODE")
+    counts = Counts(forwarder)
+    trail = AuditTrail(tmp_path / "audit.sqlite3", forwarder=forwarder,
+                       flush_interval_s=0.2)
+    trail.start()
+    try:
+        for i in range(3):
+            _store(trail, i)
+        trail.flush()
+        _wait_arrived(_messages(trail.records()), first)
+        first.stop()  # the repository goes away; the node carries on recording
+        for i in range(3, 10):
+            _store(trail, i)
+        wait_for(lambda: counts.failed >= 1 and len(trail.records()) == 10, 30,
+                 "a failed attempt, the records in the local trail")
+        second = start_rsyslog(tmp_path / "arr", tls,
+                               ports=(first.udp_port, first.tcp_port, first.tls_port))
+        _wait_arrived(_messages(trail.records()), second)
+    finally:
+        trail.stop()  # sends what is left, commits the cursor
+        for server in (first, second):
+            if server is not None:
+                server.stop()
+    assert second is not None
+    expected = _messages(trail.records())
+    trail.close()
+    assert _arrived(second) == expected, _summary(_arrived(second))  # every record once
+    assert counts.sent == 10 and counts.dropped == 0
+    assert forwarder.backlog() == 0
+
+
+def test_an_overflow_of_max_queued_loses_no_record(
+        tmp_path: Path, pki: dict[str, Path]) -> None:
+    tls = TlsFiles(pki["ca"], pki["arr_cert"], pki["arr_key"])
+    first = start_rsyslog(tmp_path / "arr", tls)
+    ports = (first.udp_port, first.tcp_port, first.tls_port)
+    first.stop()  # the repository is down from the start
+    second: Rsyslog | None = None
+    forwarder = SyslogForwarder(_settings(first.url("tcp"), pki, max_queued=2,
+                                          timeout_s=0.5),
+                                node_ae="DICOMNODE", source_id="dicomnode/DICOMNODE")
+    counts = Counts(forwarder)
+    trail = AuditTrail(tmp_path / "audit.sqlite3", forwarder=forwarder,
+                       flush_interval_s=3600)
+    trail.start()
+    try:
+        for i in range(7):  # more than max_queued, in one batch of the writer
+            _store(trail, i)
+        assert trail.flush() == 7
+        wait_for(lambda: counts.failed >= 1, 30, "a failed attempt counted")
+        second = start_rsyslog(tmp_path / "arr", tls, ports=ports)
+        _wait_arrived(_messages(trail.records()), second)
+    finally:
+        trail.stop()  # sends what is left, commits the cursor
+        if second is not None:
+            second.stop()
+    assert second is not None
+    expected = _messages(trail.records())
+    trail.close()
+    assert _arrived(second) == expected, _summary(_arrived(second))  # every record once
+    assert counts.dropped == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_records_a_stopped_node_did_not_forward_arrive_after_its_restart(
+        tmp_path: Path, pki: dict[str, Path], sig: signal.Signals) -> None:
+    tls = TlsFiles(pki["ca"], pki["arr_cert"], pki["arr_key"])
+    files = write_dat_study(tmp_path / "phantoms", n=1, seed=6)
+    first = start_rsyslog(tmp_path / "arr", tls)
+    ports = (first.udp_port, first.tcp_port, first.tls_port)
+    second: Rsyslog | None = None
+    port = free_port()
+    storage = tmp_path / "node"
+    config = node_config(storage, port, extra={
+        "audit": {"syslog": _syslog(first.url("tcp"), pki, timeout_s=0.5)}})
+
+    def local() -> list[AuditRecord]:
+        trail = AuditTrail(storage / "audit.sqlite3")
+        try:
+            return trail.records(limit=10_000)
+        finally:
+            trail.close()
+
+    def stores() -> int:
+        return len([r for r in local() if r.kind == "store"])
+
+    node = start_node(tmp_path / "run1", config)
+    try:
+        storescu(port, files)
+        wait_for(lambda: stores() == 1, 30, "the store in the local trail")
+        _wait_arrived(_messages(local()), first)
+        first.stop()  # the repository goes away
+        storescu(port, files)
+        storescu(port, files)
+        wait_for(lambda: stores() == 3, 30, "the stores in the local trail")
+        wait_for(lambda: "cannot send to" in node.log_text(), 30, "a failed attempt")
+    finally:
+        node.stop(sig)
+    before_restart = _messages(local())
+    second = start_rsyslog(tmp_path / "arr", tls, ports=ports)
+    node = start_node(tmp_path / "run2", config)
+    try:
+        _wait_arrived(before_restart, second)
+    finally:
+        node.stop()
+        second.stop()
+    expected = _messages(local())  # with the second run's own start and stop
+    arrived = _arrived(second)
+    assert not expected - arrived, _summary(expected - arrived)  # none missing
+    assert set(arrived) == set(expected), _summary(arrived)  # nothing else
+    if sig == signal.SIGTERM:  # a clean stop committed its cursor: nothing twice
+        assert arrived == expected, _summary(arrived - expected)
+    assert len(expected) == sum(expected.values()) >= 7
+
+
+def test_processes_sharing_an_audit_file_send_each_record_once(
+        tmp_path: Path, arr: Rsyslog, pki: dict[str, Path]) -> None:
+    path = tmp_path / "audit.sqlite3"
+    before = len(arr.raw())
+    forwarders = [SyslogForwarder(_settings(arr.url("tcp"), pki), node_ae="DICOMNODE",
+                                  source_id="dicomnode/DICOMNODE", lease_s=3.0, poll_s=0.2)
+                  for _ in range(2)]
+    trails = [AuditTrail(path, forwarder=f, flush_interval_s=0.2) for f in forwarders]
+    for trail in trails:
+        trail.start()
+    try:
+        for i in range(6):
+            _store(trails[i % 2], i)
+        for trail in trails:
+            trail.flush()
+        _wait_arrived(_messages(trails[0].records()), arr)
+        assert [f.sending() for f in forwarders].count(True) == 1
+        leader = next(i for i, f in enumerate(forwarders) if f.sending())
+        trails[leader].close()  # a clean stop gives the lease up
+        other = trails[1 - leader]
+        _store(other, 6)
+        other.flush()
+        _wait_arrived(_messages(other.records()), arr)
+        assert forwarders[1 - leader].sending()
+    finally:
+        for trail in trails:
+            trail.close()
+    new = CounterOf(m for _, m in arr.raw()[before:])
+    reader = AuditTrail(path)
+    records = reader.records()
+    reader.close()
+    assert len(records) == 7
+    assert new == _messages(records), _summary(new)  # each once, by one process
