@@ -452,3 +452,37 @@ def test_processes_sharing_an_audit_file_send_each_record_once(
     reader.close()
     assert len(records) == 7
     assert new == _messages(records), _summary(new)  # each once, by one process
+
+
+def test_udp_gets_the_records_the_trail_holds_from_its_cursor_on(
+        tmp_path: Path, arr: Rsyslog, pki: dict[str, Path]) -> None:
+    path = tmp_path / "audit.sqlite3"
+    before = len(arr.raw())
+    trail = AuditTrail(path)  # records made before forwarding ran (or a crash before it)
+    for i in range(4):
+        _store(trail, i)
+    trail.close()
+
+    def forwarding() -> AuditTrail:
+        forwarder = SyslogForwarder(_settings(arr.url("udp"), pki), node_ae="DICOMNODE",
+                                    source_id="dicomnode/DICOMNODE")
+        return AuditTrail(path, forwarder=forwarder, flush_interval_s=0.2)
+
+    trail = forwarding()
+    trail.start()
+    try:
+        wait_for(lambda: len(arr.raw()) >= before + 4, 30, "the trail at the repository")
+    finally:
+        trail.close()
+    trail = forwarding()  # restarted: on from its cursor
+    trail.start()
+    try:
+        _store(trail, 4)
+        trail.flush()
+        wait_for(lambda: len(arr.raw()) >= before + 5, 30, "the new record")
+        records = trail.records()
+        assert trail.verify() is None  # the cursor is no part of the chain
+    finally:
+        trail.close()
+    new = CounterOf(m for name, m in arr.raw()[before:] if name == "udp")
+    assert new == _messages(records), _summary(new)
