@@ -57,6 +57,7 @@ __all__ = [
     "WithCam",
     "cam_maps",
     "class_evidence",
+    "fusion_class_evidence",
     "grad_cam",
     "head_jacobian",
     "localisation_loss",
@@ -281,18 +282,25 @@ class FusionWithCam(nn.Module):
         presence = presence.to(ct_map.dtype)
         normed, fused, _ = model.embed(ct_map, mr_map, presence)
         logits, jac_n = head_jacobian(model.class_head, normed)
-        norm = fused.norm(dim=1, keepdim=True).clamp_min(CAM_EPS).unsqueeze(1)
-        along = torch.matmul(jac_n, normed.unsqueeze(2))
-        jac_z = (jac_n - along * normed.unsqueeze(1)) / norm
-        jac_z = _select(jac_z, logits, self.target)
-        embed_dim = model.config.embed_dim
-        grad_ct = torch.matmul(jac_z[:, :, :embed_dim], model.ct_proj.weight)
-        grad_mr = torch.matmul(jac_z[:, :, embed_dim:], model.mr_proj.weight)
-        grad_ct = grad_ct * presence[:, 0].reshape(-1, 1, 1)
-        grad_mr = grad_mr * presence[:, 1].reshape(-1, 1, 1)
+        grad_ct, grad_mr = _encoder_grads(model, normed, fused, presence,
+                                          _select(jac_n, logits, self.target))
         ct_cam, _ = cam_maps(ct_map, grad_ct, ct.shape[-2:], model.ct_encoder.output_stride)
         mr_cam, _ = cam_maps(mr_map, grad_mr, mr.shape[-2:], model.mr_encoder.output_stride)
         return logits, model.stage_head(normed), model.risk_head(normed), ct_cam, mr_cam
+
+
+def _encoder_grads(model: DualEncoderFusion, normed: Tensor, fused: Tensor, presence: Tensor,
+                   jac_n: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, K, C) gradients of class scores with respect to the CT and MR pooled features,
+    from their gradients ``jac_n`` with respect to the normalised embedding."""
+    norm = fused.norm(dim=1, keepdim=True).clamp_min(CAM_EPS).unsqueeze(1)
+    along = torch.matmul(jac_n, normed.unsqueeze(2))
+    jac_z = (jac_n - along * normed.unsqueeze(1)) / norm
+    embed_dim = model.config.embed_dim
+    grad_ct = torch.matmul(jac_z[:, :, :embed_dim], model.ct_proj.weight)
+    grad_mr = torch.matmul(jac_z[:, :, embed_dim:], model.mr_proj.weight)
+    return (grad_ct * presence[:, 0].reshape(-1, 1, 1),
+            grad_mr * presence[:, 1].reshape(-1, 1, 1))
 
 
 # --- training: a localisation loss on the exported map -------------------------------------
@@ -309,12 +317,30 @@ def class_evidence(model: GapClassifier, feature_map: Tensor,
     a cell with negative evidence still gets a gradient.
     """
     _, jac = _eval_jacobian(model.head, feature_map.mean(dim=(2, 3)))
+    return _evidence(feature_map, _one_class(jac, class_index))[:, 0]
+
+
+def fusion_class_evidence(model: DualEncoderFusion, ct_map: Tensor, mr_map: Tensor,
+                          presence: Tensor, class_index: int | Tensor = 0
+                          ) -> tuple[Tensor, Tensor]:
+    """:func:`class_evidence` for the fusion network: (B, h, w) evidence maps on the CT and
+    MR feature grids, as :class:`FusionWithCam` computes them before the ReLU (zero for
+    an absent modality). Works in training mode (eval-mode head Jacobian)."""
+    normed, fused, _ = model.embed(ct_map, mr_map, presence.to(ct_map.dtype))
+    _, jac_n = _eval_jacobian(model.class_head, normed)
+    grad_ct, grad_mr = _encoder_grads(model, normed, fused, presence.to(ct_map.dtype),
+                                      _one_class(jac_n, class_index))
+    return _evidence(ct_map, grad_ct)[:, 0], _evidence(mr_map, grad_mr)[:, 0]
+
+
+def _one_class(jac: Tensor, class_index: int | Tensor) -> Tensor:
+    """(B, 1, C) rows of a (B, K, C) Jacobian: one class, or one per sample."""
     classes = jac.shape[1]
     index = torch.as_tensor(class_index, dtype=torch.int64, device=jac.device)
     if bool(((index < 0) | (index >= classes)).any()):
         raise ValueError(f"class index outside 0..{classes - 1}")
     index = index.reshape(-1, 1, 1).expand(jac.shape[0], 1, jac.shape[2])
-    return _evidence(feature_map, torch.gather(jac, 1, index))[:, 0]
+    return torch.gather(jac, 1, index)
 
 
 def mask_to_grid(mask: Tensor, cells: Sequence[int], stride: int | Sequence[int]) -> Tensor:

@@ -31,6 +31,15 @@ and ``layer4`` keep stride 1 (:func:`keep_resolution`), so the map is 1/4 of the
 (cells of 4 px, 7 mm) and the in-graph Grad-CAM
 (:class:`~dicomnode.training.gradcam.WithCam`) can land on a small lesion.
 
+Why the MR model may be trained with tumour masks (``--loc-weight``). Trained on labels
+alone, the three-class MR model of 0.1.0 barely learnt the meningiomas although they are
+plain at 128 px (bright, round, well circumscribed): on its own training slices the
+benign logit barely separated tumour from normal anatomy (scalp fat and the superior
+sagittal sinus are about as bright on T1C), and of 50 held-out benign series 2 were
+called benign. The phantoms know where every tumour is, so each tumour slice's own-class
+Grad-CAM evidence is also trained towards its mask (the localisation loss of
+:mod:`dicomnode.training.loop`); the served heat map is that same map.
+
 Fusion (``brain-tumour``, package ``brain-tumour-fusion``). Serving: run the model over
 every slice of each available series with only that modality present (the other image
 zeros, ``presence`` one-hot), take each modality's key slice, then, when both exist, run
@@ -80,6 +89,7 @@ from dicomnode.training.commands import (
 )
 
 if TYPE_CHECKING:
+    import torch
     from pydicom.dataset import Dataset
     from torch import Tensor, nn
 
@@ -121,6 +131,7 @@ __all__ = [
     "prepare_series",
     "risk_proxy",
     "series_result",
+    "slice_masks",
     "stage_proxy",
     "tumour_score",
 ]
@@ -515,6 +526,19 @@ def slice_arrays(
             np.concatenate(owners))
 
 
+def slice_masks(patients: Sequence[PatientData], modality: Modality) -> NDArray[np.uint8]:
+    """Tumour masks (N, H, W) of the slices :func:`slice_arrays` stacks, in its order:
+    the mask where the slice is a tumour slice for training (at least
+    :data:`MIN_LESION_PIXELS`), zeros elsewhere (healthy-labelled slices, which the
+    localisation loss leaves out)."""
+    masks: list[NDArray[np.uint8]] = []
+    for patient in patients:
+        tensors = patient.series[modality].take(patient.sampled[modality])
+        tumour = (tensors.area >= MIN_LESION_PIXELS)[:, None, None]
+        masks.append((tensors.tumour & tumour).astype(np.uint8))
+    return np.concatenate(masks)
+
+
 # --- models -----------------------------------------------------------------------------
 
 
@@ -599,7 +623,8 @@ def slice_train_config(options: TaskOptions) -> TrainConfig:
     return TrainConfig(epochs=options.epochs, batch_size=options.batch_size,
                        learning_rate=options.learning_rate,
                        augmentation=PRESETS[options.augment], patience=options.patience,
-                       seed=options.seed, progress=options.progress, device=options.device)
+                       seed=options.seed, progress=options.progress, device=options.device,
+                       localisation_weight=options.loc_weight)
 
 
 def decaying_train_config(options: TaskOptions) -> TrainConfig:
@@ -1137,9 +1162,11 @@ def train_slice_task(task: Task, options: TaskOptions, models_dir: Path, name: s
     _note(stream, f"{task.name}: {x_train.shape[0]} training slices "
                   f"{np.bincount(y_train).tolist()}, {x_val.shape[0]} validation slices")
     config = task.train_config(options)
+    masks = slice_masks(train, modality) if config.localisation_weight > 0 else None
     torch.manual_seed(options.seed)
     result = fit(task.model(options), (x_train, y_train), (x_val, y_val), config,
-                 loss_kind=task.loss, n_classes=len(task.class_names), stream=stream)
+                 loss_kind=task.loss, n_classes=len(task.class_names), stream=stream,
+                 masks=masks)
     model = result.model.cpu().eval()
     head = getattr(model, "head", None)
     if not isinstance(head, torch.nn.Module):
@@ -1176,6 +1203,7 @@ def train_slice_task(task: Task, options: TaskOptions, models_dir: Path, name: s
             "data_provenance": _data_provenance(options),
             "result": {k: v for k, v in result.to_dict().items() if k != "history"},
             "slice_sampling": SLICE_SAMPLING[modality].describe(),
+            "localisation": _localisation_record(config.localisation_weight, masks),
             "calibration": calibration.to_dict(),
             "thresholds_from": "validation patients (series level)",
         },
@@ -1224,6 +1252,21 @@ def train_slice_task(task: Task, options: TaskOptions, models_dir: Path, name: s
                            metrics=metrics, points=points, limitations=limitations,
                            report=report, val_report=val_report, served=served,
                            started=started)
+
+
+def _localisation_record(weight: float, masks: NDArray[np.uint8] | None,
+                         maps: str = "the slice's own class") -> dict[str, Any]:
+    if masks is None:
+        return {"weight": 0.0, "applied": False}
+    with_lesion = int((masks.reshape(masks.shape[0], -1).max(axis=1) > 0).sum())
+    return {"weight": weight, "applied": with_lesion > 0,
+            "tumour_slices_with_masks": with_lesion,
+            "loss": ("cross-entropy between the softmax over feature-grid cells of the "
+                     f"standardised Grad-CAM evidence of {maps} (the exported map before "
+                     "ReLU) and each cell's share of the tumour mask (necrosis + "
+                     "enhancing/solid tumour; same geometric augmentation as the image); "
+                     "tumour slices only; added to the training loss times the weight"),
+            "masks": "training phantoms only; validation and test masks are not used"}
 
 
 def _share(flags: Sequence[bool]) -> str:
@@ -1409,16 +1452,21 @@ class FusionData:
     mr_owner: NDArray[np.int64]
     labels: NDArray[np.int64]
     volumes: FloatArray
+    ct_masks: NDArray[np.uint8] | None = None
+    mr_masks: NDArray[np.uint8] | None = None
 
     @classmethod
-    def of(cls, patients: Sequence[PatientData]) -> FusionData:
+    def of(cls, patients: Sequence[PatientData], *, masks: bool = False) -> FusionData:
+        """The sampled slices; ``masks``: with their tumour masks (:func:`slice_masks`)."""
         ct, _, ct_owner = slice_arrays(patients, "CT", binary=True)
         mr, _, mr_owner = slice_arrays(patients, "MR", binary=True)
         ct_area = np.concatenate([p.series["CT"].take(p.sampled["CT"]).area for p in patients])
         mr_area = np.concatenate([p.series["MR"].take(p.sampled["MR"]).area for p in patients])
         return cls(ct, mr, ct_area >= MIN_LESION_PIXELS, mr_area >= MIN_LESION_PIXELS,
                    ct_owner, mr_owner, np.array([p.label for p in patients], dtype=np.int64),
-                   np.array([p.volume_cm3 for p in patients], dtype=np.float64))
+                   np.array([p.volume_cm3 for p in patients], dtype=np.float64),
+                   slice_masks(patients, "CT") if masks else None,
+                   slice_masks(patients, "MR") if masks else None)
 
     def samples(self, rng: np.random.Generator) -> list[tuple[FusionMode, int, int]]:
         """Every CT slice paired with a random MR slice of its patient, and every CT and
@@ -1451,6 +1499,12 @@ def _fusion_heads(model: nn.Module, ct: Tensor | None, mr: Tensor | None
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """The three heads with only the present encoders run (the absent map is zero; the
     presence mask removes it exactly as in the full forward, which runs both)."""
+    return _fusion_forward(model, ct, mr)[:3]
+
+
+def _fusion_forward(model: nn.Module, ct: Tensor | None, mr: Tensor | None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_fusion_heads` and the CT map, MR map (zeros where absent) and presence."""
     import torch
 
     from dicomnode.training.architectures import DualEncoderFusion
@@ -1463,10 +1517,36 @@ def _fusion_heads(model: nn.Module, ct: Tensor | None, mr: Tensor | None
     batch = reference.shape[0]
     presence = torch.tensor([[float(ct is not None), float(mr is not None)]],
                             dtype=reference.dtype).expand(batch, 2)
-    normed, _, _ = model.embed(ct_map if ct_map is not None else torch.zeros_like(reference),
-                               mr_map if mr_map is not None else torch.zeros_like(reference),
-                               presence)
-    return model.class_head(normed), model.stage_head(normed), model.risk_head(normed)
+    ct_map = ct_map if ct_map is not None else torch.zeros_like(reference)
+    mr_map = mr_map if mr_map is not None else torch.zeros_like(reference)
+    normed, _, _ = model.embed(ct_map, mr_map, presence)
+    return (model.class_head(normed), model.stage_head(normed), model.risk_head(normed),
+            ct_map, mr_map, presence)
+
+
+def _fusion_localisation(model: nn.Module, maps: tuple[Tensor, Tensor, Tensor],
+                         masks: tuple[Tensor | None, Tensor | None], labels: Tensor) -> Tensor:
+    """Mean over the modalities with tumour masks of the localisation loss of that
+    modality's served map (``ct_cam`` / ``mr_cam`` before ReLU) of the sample's class."""
+    from dicomnode.training.architectures import DualEncoderFusion
+    from dicomnode.training.gradcam import (
+        fusion_class_evidence,
+        localisation_loss,
+        mask_to_grid,
+    )
+
+    assert isinstance(model, DualEncoderFusion)
+    ct_map, mr_map, presence = maps
+    evidence = fusion_class_evidence(model, ct_map, mr_map, presence, labels)
+    losses = []
+    for grid, mask, encoder in zip(evidence, masks, (model.ct_encoder, model.mr_encoder),
+                                   strict=True):
+        if mask is not None and bool((mask > 0).any()):
+            target = mask_to_grid(mask, grid.shape[-2:], encoder.output_stride)
+            losses.append(localisation_loss(grid, target))
+    if not losses:
+        return ct_map.sum() * 0.0
+    return sum(losses[1:], losses[0]) / len(losses)
 
 
 def _fusion_batches(samples: Sequence[tuple[FusionMode, int, int]], order: NDArray[np.int64],
@@ -1493,6 +1573,32 @@ def _fusion_inputs(data: FusionData, samples: Sequence[tuple[FusionMode, int, in
     ct = torch.from_numpy(data.ct[ct_rows]) if ct_rows[0] >= 0 else None
     mr = torch.from_numpy(data.mr[mr_rows]) if mr_rows[0] >= 0 else None
     return ct, mr
+
+
+def _fusion_masks(data: FusionData, samples: Sequence[tuple[FusionMode, int, int]],
+                  index: NDArray[np.int64]) -> tuple[Tensor | None, Tensor | None]:
+    import torch
+
+    assert data.ct_masks is not None and data.mr_masks is not None
+    ct_rows = [samples[k][1] for k in index.tolist()]
+    mr_rows = [samples[k][2] for k in index.tolist()]
+    ct = torch.from_numpy(data.ct_masks[ct_rows]) if ct_rows[0] >= 0 else None
+    mr = torch.from_numpy(data.mr_masks[mr_rows]) if mr_rows[0] >= 0 else None
+    return ct, mr
+
+
+def _augment_pair(images: Tensor | None, masks: Tensor | None, config: TrainConfig,
+                  generator: torch.Generator) -> tuple[Tensor | None, Tensor | None]:
+    """Images and masks through the same augmentation (the draws :func:`augment_batch`
+    would make for the images alone)."""
+    import torch
+
+    from dicomnode.training.augment import augment_batch_with_masks
+
+    if images is None or masks is None:
+        return images, masks
+    return augment_batch_with_masks(images, masks.to(torch.float32), config.augmentation,
+                                    generator)
 
 
 def _fusion_val_scores(model: nn.Module, data: FusionData,
@@ -1523,6 +1629,9 @@ def fit_fusion(model: nn.Module, train: FusionData, val: FusionData, config: Tra
     from dicomnode.training.loop import class_weights, reproducible
     from dicomnode.training.metrics import macro_auc
 
+    localise = config.localisation_weight > 0
+    if localise and (train.ct_masks is None or train.mr_masks is None):
+        raise TrainingRunError("the localisation loss needs the training slices' masks")
     rng = np.random.default_rng(config.seed)
     val_rng = np.random.default_rng(config.seed + 7)
     val_samples = val.samples(val_rng)
@@ -1551,17 +1660,34 @@ def fit_fusion(model: nn.Module, train: FusionData, val: FusionData, config: Tra
             batches = [batches[k] for k in rng.permutation(len(batches)).tolist()]
             model.train()
             total, seen = 0.0, 0
+            loc_total, loc_batches = 0.0, 0
             for _, index in batches:
                 ct, mr = _fusion_inputs(train, samples, index)
-                ct = augment_batch(ct, config.augmentation, augment) if ct is not None else None
-                mr = augment_batch(mr, config.augmentation, augment) if mr is not None else None
-                class_logits, stage_logits, risk = _fusion_heads(model, ct, mr)
                 rows = torch.from_numpy(index)
+                if localise:
+                    ct_masks, mr_masks = _fusion_masks(train, samples, index)
+                    ct, ct_masks = _augment_pair(ct, ct_masks, config, augment)
+                    mr, mr_masks = _augment_pair(mr, mr_masks, config, augment)
+                    (class_logits, stage_logits, risk, ct_map, mr_map,
+                     presence) = _fusion_forward(model, ct, mr)
+                    loc = _fusion_localisation(model, (ct_map, mr_map, presence),
+                                               (ct_masks, mr_masks), labels[rows])
+                else:
+                    ct = (augment_batch(ct, config.augmentation, augment) if ct is not None
+                          else None)
+                    mr = (augment_batch(mr, config.augmentation, augment) if mr is not None
+                          else None)
+                    class_logits, stage_logits, risk = _fusion_heads(model, ct, mr)
                 loss = F.cross_entropy(class_logits, labels[rows], weight=weight)
                 if bool((stages[rows] >= 0).any()):
                     loss = loss + STAGE_LOSS_WEIGHT * F.cross_entropy(
                         stage_logits, stages[rows], ignore_index=-100)
                 loss = loss + RISK_LOSS_WEIGHT * F.mse_loss(risk[:, 0], risks[rows])
+                if localise:
+                    loss = loss + config.localisation_weight * loc
+                    if float(loc.detach()) != 0.0:
+                        loc_total += float(loc.detach())
+                        loc_batches += 1
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 if config.grad_clip_norm is not None:
@@ -1576,8 +1702,12 @@ def fit_fusion(model: nn.Module, train: FusionData, val: FusionData, config: Tra
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 since += 1
-            record = {"epoch": epoch, "train_loss": total / max(seen, 1), "val_macro_auc": auc,
-                      "seconds": round(time.perf_counter() - epoch_start, 2), "best": improved}
+            record: dict[str, Any] = {
+                "epoch": epoch, "train_loss": total / max(seen, 1), "val_macro_auc": auc,
+                "seconds": round(time.perf_counter() - epoch_start, 2), "best": improved}
+            if localise:
+                record["train_localisation_loss"] = (loc_total / loc_batches if loc_batches
+                                                     else None)
             history.append(record)
             _note(stream, f"fusion epoch {epoch}/{config.epochs}: train loss "
                           f"{record['train_loss']:.4f} | val macro AUC {auc:.3f}"
@@ -1808,8 +1938,9 @@ def train_fusion_task(task: Task, options: TaskOptions, models_dir: Path, name: 
                            what="train")
     val = build_patients(val_seed, n_val, specs, matrix=matrix, keep="all", stream=stream,
                          what="validation")
-    train_data, val_data = FusionData.of(train), FusionData.of(val)
     config = task.train_config(options)
+    train_data = FusionData.of(train, masks=config.localisation_weight > 0)
+    val_data = FusionData.of(val)
     torch.manual_seed(options.seed)
     model = task.model(options)
     initialised = _init_encoders(model, models_dir, options, stream)
@@ -1870,7 +2001,14 @@ def train_fusion_task(task: Task, options: TaskOptions, models_dir: Path, name: 
             "encoders": initialised,
             "losses": {"class": "class-weighted cross-entropy",
                        "stage": f"cross-entropy on the stage proxy, weight {STAGE_LOSS_WEIGHT}",
-                       "risk": f"squared error on the risk proxy, weight {RISK_LOSS_WEIGHT}"},
+                       "risk": f"squared error on the risk proxy, weight {RISK_LOSS_WEIGHT}",
+                       "localisation": _localisation_record(
+                           config.localisation_weight,
+                           (np.concatenate([train_data.ct_masks, train_data.mr_masks])
+                            if train_data.ct_masks is not None
+                            and train_data.mr_masks is not None else None),
+                           "ct_cam / mr_cam of the sample's class (each modality present "
+                           "with a tumour mask; their mean)")},
             "samples": "every sampled CT slice paired with a random sampled MR slice of the "
                        "same patient, and every sampled CT and MR slice alone",
             "proxies": {"stage": "equivalent-diameter bins < 2, 2-3, 3-4, >= 4 cm "

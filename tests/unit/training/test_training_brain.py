@@ -3,6 +3,7 @@ phantoms no training step saw, and the numpy serving rules they depend on."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,18 @@ from dicomnode.training.tasks_brain import (
     CLASSES,
     HEATMAP_METRIC,
     STAGES,
+    PatientData,
+    SeriesTensors,
     cam_peak_hit,
     fit_series_calibration,
     fusion_series_result,
+    keep_resolution,
     make_brain_case,
     prepare_series,
     risk_proxy,
     series_result,
+    slice_arrays,
+    slice_masks,
     stage_proxy,
     tumour_score,
 )
@@ -105,6 +111,76 @@ def test_cam_peak_hit_dilates_the_mask_by_the_tolerance() -> None:
     cam[12, 15] = 1.0  # 3 px right of the lesion's edge
     assert cam_peak_hit(cam, mask, 3) and not cam_peak_hit(cam, mask, 2)
     assert not cam_peak_hit(np.zeros((32, 32)), mask)  # no evidence, no peak
+
+
+def test_training_masks_are_those_of_the_tumour_labelled_slices() -> None:
+    tumour = np.zeros((4, 8, 8), dtype=bool)
+    tumour[1, :4, :4] = True  # 16 px: a tumour slice
+    tumour[2, 0, :3] = True  # a 3 px sliver: labelled healthy, so no mask
+    tumour[3, 2:6, 2:6] = True
+    images = np.arange(4, dtype=np.float32)[:, None, None, None] * np.ones((4, 1, 8, 8),
+                                                                         np.float32)
+    patient = PatientData("p", 1, 1.0, {"MR": SeriesTensors(images, tumour)},
+                          {"MR": np.array([3, 0, 1, 2])})
+    x, y, _ = slice_arrays([patient], "MR", binary=False)
+    masks = slice_masks([patient], "MR")
+    assert y.tolist() == [1, 0, 1, 0] and x[:, 0, 0, 0].tolist() == [3, 0, 1, 2]
+    assert masks.shape == (4, 8, 8) and masks.dtype == np.uint8
+    assert masks.sum(axis=(1, 2)).tolist() == [16, 0, 16, 0]
+
+
+def test_three_class_localisation_trains_each_tumour_slice_own_class_map() -> None:
+    torch = pytest.importorskip("torch")
+    from dicomnode.training.architectures import small_slice_classifier
+    from dicomnode.training.augment import Augmentation
+    from dicomnode.training.gradcam import class_evidence
+    from dicomnode.training.loop import TrainConfig, fit
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1, 2] * 4, dtype=np.int64)
+    x = rng.normal(size=(12, 1, 32, 32)).astype(np.float32)
+    masks = np.zeros((12, 32, 32), dtype=np.uint8)
+    masks[y > 0, 8:16, 18:26] = 1
+    x[y > 0, :, 8:16, 18:26] += 3.0
+    model = small_slice_classifier(3, depth=10, width=4)
+    keep_resolution(model.backbone)  # an 8 x 8 grid, as the MR model's 32 x 32
+    features = model.features(torch.from_numpy(x))
+    own = class_evidence(model, features, torch.from_numpy(y))
+    for i, k in enumerate(y.tolist()):
+        assert torch.allclose(own[i], class_evidence(model, features, k)[i])
+    config = TrainConfig(epochs=2, batch_size=6, augmentation=Augmentation(), progress=False,
+                         localisation_weight=1.0)
+    result = fit(model, (x, y), (x, y), config, loss_kind="ce", n_classes=3, stream=None,
+                 masks=masks)
+    assert all(np.isfinite(r.train_localisation_loss) for r in result.history)
+
+
+def test_fusion_evidence_is_the_served_cam_before_its_relu() -> None:
+    torch = pytest.importorskip("torch")
+    from dicomnode.training.architectures import DualEncoderFusion, FusionConfig
+    from dicomnode.training.gradcam import FusionWithCam, fusion_class_evidence, upsample_cam
+
+    torch.manual_seed(0)
+    model = DualEncoderFusion(dataclasses.replace(FusionConfig.small(), width=4,
+                                                  modality_dropout=0.0))
+    keep_resolution(model.ct_encoder)
+    keep_resolution(model.mr_encoder)
+    model.eval()
+    ct, mr = torch.randn(3, 1, 32, 32), torch.randn(3, 1, 32, 32)
+    presence = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    classes = torch.tensor([1, 2, 1])
+    with torch.no_grad():
+        served = FusionWithCam(model, "all")(ct, mr, presence)
+        maps = (model.ct_encoder(ct), model.mr_encoder(mr))
+        evidence = fusion_class_evidence(model, *maps, presence, classes)
+    for grid, cams, encoder in zip(evidence, served[3:], (model.ct_encoder, model.mr_encoder),
+                                   strict=True):
+        up = upsample_cam(torch.relu(grid)[:, None], (32, 32), encoder.output_stride)[:, 0]
+        up = up / up.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+        assert torch.allclose(up, cams[torch.arange(3), classes], atol=1e-5)
+    assert float(evidence[0][2].abs().max()) == 0.0  # CT absent: no CT evidence
+    assert float(evidence[1][1].abs().max()) == 0.0
 
 
 def test_proxies_are_monotone_in_size_and_malignancy() -> None:
