@@ -263,6 +263,7 @@ class WebSettings:
     allow_remote: bool = False
     tokens: tuple[WebToken, ...] = ()
     worker_port: int | None = None
+    tls: TlsSettings | None = None  # HTTPS (and, with require_client_cert, client certs)
 
     @property
     def worker_listen_port(self) -> int:
@@ -391,41 +392,43 @@ class _Reader:
         return value
 
 
-def _parse_tls(r: _Reader, data: Any) -> TlsSettings | None:
+def _parse_tls(r: _Reader, data: Any, where: str = "security.tls") -> TlsSettings | None:
     if data is None:
         return None
-    t = r.mapping(data, "security.tls")
-    r.unknown(t, "security.tls", {"cert", "key", "ca", "require_client_cert", "destinations",
-                                  "check_hostname"})
+    t = r.mapping(data, where)
+    allowed = {"cert", "key", "ca", "require_client_cert", "destinations", "check_hostname"}
+    if where != "security.tls":  # a listener only: no outgoing destinations
+        allowed -= {"destinations", "check_hostname"}
+    r.unknown(t, where, allowed)
     paths: dict[str, Path | None] = {}
     for name in ("cert", "key", "ca"):
         value = t.get(name)
         if value is None:
             if name != "ca":
-                r.problem(f"security.tls.{name}", "missing (a PEM file)")
+                r.problem(f"{where}.{name}", "missing (a PEM file)")
             paths[name] = None
             continue
         if not isinstance(value, str) or not value:
-            r.problem(f"security.tls.{name}", f"expected a file path, got {value!r}")
+            r.problem(f"{where}.{name}", f"expected a file path, got {value!r}")
             paths[name] = None
             continue
         path = Path(value)
         if not path.is_file():
-            r.problem(f"security.tls.{name}", f"no such file: {path}")
+            r.problem(f"{where}.{name}", f"no such file: {path}")
         paths[name] = path
     flags: dict[str, bool] = {}
     for name, default in (("require_client_cert", False), ("check_hostname", True)):
         value = t.get(name, default)
         if not isinstance(value, bool):
-            r.problem(f"security.tls.{name}", f"expected true or false, got {value!r}")
+            r.problem(f"{where}.{name}", f"expected true or false, got {value!r}")
             value = default
         flags[name] = value
     if flags["require_client_cert"] and paths["ca"] is None:
-        r.problem("security.tls.require_client_cert",
-                  "needs security.tls.ca, the CA that signs the callers' certificates")
+        r.problem(f"{where}.require_client_cert",
+                  f"needs {where}.ca, the CA that signs the callers' certificates")
     dests = t.get("destinations", [])
     if not isinstance(dests, list) or not all(isinstance(d, str) for d in dests):
-        r.problem("security.tls.destinations", "expected a list of destination names")
+        r.problem(f"{where}.destinations", "expected a list of destination names")
         dests = []
     if paths["cert"] is None or paths["key"] is None:
         return None
@@ -561,7 +564,8 @@ def _parse_web(r: _Reader, data: Any) -> WebSettings:
     if data is None:
         return WebSettings()
     w = r.mapping(data, "web")
-    r.unknown(w, "web", {"enabled", "host", "port", "allow_remote", "tokens", "worker_port"})
+    r.unknown(w, "web", {"enabled", "host", "port", "allow_remote", "tokens", "worker_port",
+                         "tls"})
     flags: dict[str, bool] = {}
     for name, default in (("enabled", True), ("allow_remote", False)):
         value = w.get(name, default)
@@ -575,7 +579,7 @@ def _parse_web(r: _Reader, data: Any) -> WebSettings:
     if flags["enabled"] and not flags["allow_remote"] and not _is_loopback(host):
         r.problem("web.host", f"{host!r} is not a loopback address: the status page shows "
                               "what the node received; say allow_remote: true to serve it "
-                              "on the network (behind TLS)")
+                              "on the network (with web.tls)")
     raw = w.get("tokens", [])
     if not isinstance(raw, list):
         r.problem("web.tokens", "expected a list of {name, token | token_env, role}")
@@ -604,8 +608,9 @@ def _parse_web(r: _Reader, data: Any) -> WebSettings:
             r.problem(f"{key}.token", "expected a string of at least 16 characters")
             continue
         tokens.append(WebToken(str(name), token, str(role)))
+    tls = _parse_tls(r, w.get("tls"), "web.tls")
     return WebSettings(flags["enabled"], host, port, flags["allow_remote"], tuple(tokens),
-                       worker_port)
+                       worker_port, tls)
 
 
 def _parse_syslog(r: _Reader, data: Any) -> SyslogSettings | None:

@@ -25,6 +25,7 @@ command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 if [ "$extras" = "[test,train,scale]" ]; then
   command -v strace >/dev/null 2>&1 || need_apt+=(strace)  # the write-order test
+  command -v curl >/dev/null 2>&1 || need_apt+=(curl)  # the HTTPS client in test_web_tls
   # the browser tests: headless Chromium, and Orthanc's web viewer plugin
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
   [ -e /usr/share/orthanc/plugins/libOrthancWebViewer.so ] || need_apt+=(orthanc-webviewer)

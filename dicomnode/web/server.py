@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import secrets
+import ssl
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from dicomnode.config import WebSettings, WebToken
+from dicomnode.net.tls import server_context
 from dicomnode.ops.audit import MINOR_FAILURE, AuditTrail
 from dicomnode.ops.metrics import CONTENT_TYPE as METRICS_TYPE
 from dicomnode.ops.metrics import NodeMetrics
@@ -95,15 +97,21 @@ class WebServer:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        server = ThreadingHTTPServer((self.settings.host, self.listen_port),
-                                     self._handler_class())
+        tls = self.settings.tls
+        server: ThreadingHTTPServer
+        if tls is not None:
+            server = _TlsHTTPServer((self.settings.host, self.listen_port),
+                                    self._handler_class(), server_context(tls))
+        else:
+            server = _HTTPServer((self.settings.host, self.listen_port), self._handler_class())
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={
             "poll_interval": 0.5}, name="dicomnode-web", daemon=True)
         self._thread.start()
-        log.info("%s on http://%s:%d/", "status page and API" if self.api is not None
-                 else "metrics", self.settings.host, self.port)
+        log.info("%s on %s://%s:%d/", "status page and API" if self.api is not None
+                 else "metrics", "https" if tls is not None else "http", self.settings.host,
+                 self.port)
 
     @property
     def port(self) -> int:
@@ -185,6 +193,9 @@ class WebServer:
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         web = self
+        security_headers = dict(_SECURITY_HEADERS)
+        if self.settings.tls is not None:
+            security_headers["Strict-Transport-Security"] = "max-age=31536000"
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "dicomnode"
@@ -212,7 +223,7 @@ class WebServer:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
-                for k, v in {**_SECURITY_HEADERS, **(extra or {})}.items():
+                for k, v in {**security_headers, **(extra or {})}.items():
                     self.send_header(k, v)
                 self.end_headers()
                 if not head:
@@ -303,6 +314,38 @@ class WebServer:
                 self._json(200, result, head)
 
         return Handler
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr; a dropped client is not news
+        log.debug("http: request from a client failed", exc_info=True)
+
+
+class _TlsHTTPServer(_HTTPServer):
+    """HTTPS with the handshake on the request's own thread (a client that connects and
+    says nothing holds one thread until the timeout, never the accept loop)."""
+
+    HANDSHAKE_TIMEOUT_S = 10.0
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 context: ssl.SSLContext) -> None:
+        self.context = context
+        super().__init__(address, handler)
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, address = super().get_request()
+        return self.context.wrap_socket(sock, server_side=True,
+                                        do_handshake_on_connect=False), address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            request.settimeout(self.HANDSHAKE_TIMEOUT_S)
+            request.do_handshake()
+        except (OSError, ssl.SSLError) as exc:
+            log.info("https: TLS handshake refused or failed: %s", type(exc).__name__)
+            return
+        super().finish_request(request, client_address)
 
 
 def _int(q: Mapping[str, list[str]], name: str, default: int) -> int:
