@@ -384,6 +384,20 @@ class _Reader:
             return 0
         return value
 
+    def existing_file(self, data: Mapping[str, Any], key: str, name: str) -> Path | None:
+        """An optional path to a file that must exist (a PEM file); None when not given
+        or unusable (the problem is recorded)."""
+        value = data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            self.problem(f"{key}.{name}", f"expected a file path, got {value!r}")
+            return None
+        path = Path(value)
+        if not path.is_file():
+            self.problem(f"{key}.{name}", f"no such file: {path}")
+        return path
+
     def string(self, data: Mapping[str, Any], key: str, name: str, default: str) -> str:
         value = data.get(name, default)
         if not isinstance(value, str) or not value:
@@ -400,22 +414,10 @@ def _parse_tls(r: _Reader, data: Any, where: str = "security.tls") -> TlsSetting
     if where != "security.tls":  # a listener only: no outgoing destinations
         allowed -= {"destinations", "check_hostname"}
     r.unknown(t, where, allowed)
-    paths: dict[str, Path | None] = {}
-    for name in ("cert", "key", "ca"):
-        value = t.get(name)
-        if value is None:
-            if name != "ca":
-                r.problem(f"{where}.{name}", "missing (a PEM file)")
-            paths[name] = None
-            continue
-        if not isinstance(value, str) or not value:
-            r.problem(f"{where}.{name}", f"expected a file path, got {value!r}")
-            paths[name] = None
-            continue
-        path = Path(value)
-        if not path.is_file():
-            r.problem(f"{where}.{name}", f"no such file: {path}")
-        paths[name] = path
+    paths = {name: r.existing_file(t, where, name) for name in ("cert", "key", "ca")}
+    for name in ("cert", "key"):
+        if t.get(name) is None:
+            r.problem(f"{where}.{name}", "missing (a PEM file)")
     flags: dict[str, bool] = {}
     for name, default in (("require_client_cert", False), ("check_hostname", True)):
         value = t.get(name, default)
@@ -630,22 +632,10 @@ def _parse_syslog(r: _Reader, data: Any) -> SyslogSettings | None:
     port = int(match[3]) if match[3] else SYSLOG_SCHEMES[scheme]
     if not 0 < port < 65536:
         r.problem(f"{key}.url", f"not a port: {port}")
-    paths: dict[str, Path | None] = {}
+    paths = {name: r.existing_file(y, key, name) for name in ("ca", "cert", "key")}
     for name in ("ca", "cert", "key"):
-        value = y.get(name)
-        if value is None:
-            paths[name] = None
-            continue
-        if scheme != "tls":
+        if y.get(name) is not None and scheme != "tls":
             r.problem(f"{key}.{name}", f"only for tls:// (the url is {scheme}://)")
-        if not isinstance(value, str) or not value:
-            r.problem(f"{key}.{name}", f"expected a file path, got {value!r}")
-            paths[name] = None
-            continue
-        path = Path(value)
-        if not path.is_file():
-            r.problem(f"{key}.{name}", f"no such file: {value}")
-        paths[name] = path
     if (paths["cert"] is None) != (paths["key"] is None):
         r.problem(f"{key}.cert", "give cert and key together (the node's client certificate)")
     check = y.get("check_hostname", True)
