@@ -12,8 +12,8 @@
 # is fixed here). The ONNX bytes, and so the sha256 in the card, can differ between torch
 # versions. Measured on the 2-core development VM (shared), one thread:
 #   pneumonia-cxr  ~ 19 min* (0.2.0, localisation loss; stopped early at epoch 27 of 30)
-#   metastasis-ct  ~ 51 min* (~17 min making phantoms
-#   and evaluating, ~35 min training; stage 1 stopped early at epoch 25 of 30)
+#   metastasis-ct  ~ 48 min* (0.3.0: ~17 min making phantoms
+#   and evaluating, ~31 min training; stage 1 stopped early at epoch 29 of 30)
 #   brain-tumour-ct ~ 36 min   brain-tumour-mr ~ 70 min*  dat-classifier ~ 50 min*
 #   brain-tumour-fusion: not built yet (smoke-tested at toy size only)
 #   (* measured while the VM ran 6-9 other processes; expect about half on a free core)
@@ -74,11 +74,15 @@ build_metastasis_ct() {
     # twice the patients, left-right flips, no training slices that cut only a lesion's
     # cap (< 12 mm2), lr/3 and lr/10 stages after the 30 epochs (both in tasks_metastasis),
     # and Platt calibration (temperature alone cannot remove the offset that max pooling
-    # over 24-60 slices adds to the logit).
+    # over 24-60 slices adds to the logit). 0.3.0: the localisation loss on the Grad-CAM
+    # of each lesion slice (--loc-weight; 0.2.0's map peaked ~5 px beside the lesion) and
+    # phantoms whose hypodense metastases are 10-20 HU below white matter (were 5-16 HU,
+    # head_ct.hypodensity_from).
     run "$PYTHON" -m dicomnode.cli train metastasis --out "$OUT" "${COMMON[@]}" \
         --data phantom --seed 0 --n-train 200 --n-val 80 --n-test 100 \
         --size 128 --phantom-size 256 --depth 10 --width 8 --output-stride 8 --epochs 30 \
-        --patience 10 --augment light-flip --calibration platt --n-boot 2000 --version 0.2.0
+        --patience 10 --augment light-flip --calibration platt --n-boot 2000 \
+        --loc-weight 0.5 --version 0.3.0
 }
 
 build_brain_tumour_ct() {

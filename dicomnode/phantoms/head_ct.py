@@ -16,6 +16,7 @@ its shape is chosen on the actual grid so that the mask holds exactly that volum
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -547,6 +548,8 @@ class LesionSpec:
     """What to paint: a shape, a size (radius or exact volume) and internal structure.
 
     kind: "ring", "solid", "hypodense" (metastases), "glioblastoma" or "meningioma".
+    ``hypodensity_hu`` > 0 renders a hypodense lesion that many HU below white matter
+    (0 keeps the tissue table's fixed value).
     """
 
     lesion_id: int
@@ -560,6 +563,7 @@ class LesionSpec:
     oedema_shape: StarShape | None = None
     enhancement_hu: float = 0.0
     dural_tail: bool = False
+    hypodensity_hu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -802,6 +806,9 @@ def render_ct(
         sel = (lesion_ids == p.spec.lesion_id) & (labels == Tissue.ENHANCING)
         enh = p.spec.enhancement_hu if contrast else 0.12 * p.spec.enhancement_hu
         hu[sel] = brain_ref + enh
+        if p.spec.kind == "hypodense" and p.spec.hypodensity_hu > 0:
+            low = (lesion_ids == p.spec.lesion_id) & (labels == Tissue.NONENHANCING)
+            hu[low] = table[Tissue.WHITE] - p.spec.hypodensity_hu
         if p.spec.kind in ("ring", "glioblastoma"):
             nec = (lesion_ids == p.spec.lesion_id) & (labels == Tissue.NECROSIS)
             hu[nec] = table[Tissue.NECROSIS] + float(rng.uniform(-4, 6))
@@ -899,6 +906,18 @@ def _place_metastases(
     return centres
 
 
+def hypodensity_from(spec: LesionSpec) -> float:
+    """How far below white matter a hypodense metastasis is rendered: 10-20 HU.
+
+    Hypodense (non-enhancing, cystic or necrotic) metastases on CT are typically 10-20 HU
+    below white matter; the fixed 20 HU of the tissue table put them only 5-16 HU below
+    (white matter 25-36 HU), under 3-8 HU noise, so most were invisible at 128 px. The
+    value is mapped from the lesion's enhancement draw (uniform 50-120 HU, unused for a
+    hypodense lesion), so no random stream, and no other phantom, changes.
+    """
+    return 10.0 + 10.0 * min(max((spec.enhancement_hu - 50.0) / 70.0, 0.0), 1.0)
+
+
 def make_head_ct(
     rng: np.random.Generator,
     *,
@@ -977,6 +996,8 @@ def make_head_ct(
                 oedema_shape=random_star(rng, c, irregularity=0.25, elongation=0.3),
                 enhancement_hu=float(rng.uniform(50, 120)),
             )
+            if kind == "hypodense":
+                spec = dataclasses.replace(spec, hypodensity_hu=hypodensity_from(spec))
             p = paint_lesion(spec, sampler, labels, lesion_ids, oedema)
             if p is not None:
                 painted.append(p)
@@ -988,6 +1009,8 @@ def make_head_ct(
             "enhancement_hu": round(p.spec.enhancement_hu, 2)
             if p.spec.kind != "hypodense"
             else 0.0,
+            **({"hypodensity_hu": round(p.spec.hypodensity_hu, 2)}
+               if p.spec.kind == "hypodense" else {}),
         }
         for p in painted
     )

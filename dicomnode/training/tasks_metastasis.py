@@ -342,7 +342,8 @@ def head_ct_phantoms(
     reader = HeadCtPhantomReader(matrix)
     description = (f"synthetic phantoms, not for clinical use: contrast head CT series from "
                    f"dicomnode.phantoms.head_ct ({matrix}x{matrix}, 24-60 axial slices, "
-                   f"metastases 3-30 mm: ring, solid, hypodense), slices labelled from the "
+                   f"metastases 3-30 mm: ring, solid, hypodense 10-20 HU below white "
+                   f"matter), slices labelled from the "
                    f"lesion masks; train seed {seed} (n={n_train} patients; every positive "
                    f"slice with a lesion cross-section of at least {min_lesion_area_mm2:g} "
                    f"mm2, calcification slices x{mimic_repeat}, {negative_fraction:g} of "
@@ -457,6 +458,9 @@ def _card_text() -> CardText:
         limitations=(
             "Axial contrast-enhanced head CT only; lesions smaller than about 5 mm and "
             "hypodense lesions are the ones most often missed.",
+            "The phantoms' hypodense metastases are 10-20 HU below white matter (since "
+            "0.3.0; 5-16 HU before, at 3-8 HU noise): real non-enhancing lesions without "
+            "oedema can be subtler than anything this model was tested on.",
             "Patient-level score is the maximum over slices: one false-positive slice "
             "makes a false-positive patient, so long series score higher on average.",
             "Operating points were chosen on validation patients and measured on test "

@@ -72,6 +72,22 @@ def test_enhancing_and_hypodense_lesions_match_their_masks() -> None:
         assert float(hu[truth.lesion_mask == les["lesion_id"]].mean()) < white - 4
 
 
+def test_hypodense_metastases_are_10_to_20_hu_below_white_matter() -> None:
+    seen = []
+    for seed in range(3):
+        hu, _, truth = _small(20 + seed, label="metastasis", n_lesions=2,
+                              lesion_kinds=["hypodense"], diameter_range_mm=(14.0, 24.0),
+                              noise_hu=3.0)
+        white = float(np.median(hu[truth.tissue_labels == Tissue.WHITE]))
+        for les in truth.lesions:
+            assert 10.0 <= les["hypodensity_hu"] <= 20.0 and les["enhancement_hu"] == 0.0
+            core = truth.tissue_labels == Tissue.NONENHANCING
+            inside = float(np.median(hu[(truth.lesion_mask == les["lesion_id"]) & core]))
+            assert white - inside == pytest.approx(les["hypodensity_hu"], abs=3.0)
+            seen.append(les["hypodensity_hu"])
+    assert max(seen) - min(seen) > 2.0  # drawn per lesion, not one constant
+
+
 def test_lesion_count_kinds_and_sizes_are_respected() -> None:
     for seed in range(3):
         _, geom, truth = _small(10 + seed, label="metastasis", matrix=64)
