@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from pynetdicom import AE
@@ -127,51 +128,48 @@ def _dul_with_one_sleep(monkeypatch: pytest.MonkeyPatch, sock: socket.socket,
     return dul
 
 
+@pytest.fixture
+def ours() -> Iterator[socket.socket]:
+    """The DUL's end of a connected socket pair (the peer end says nothing)."""
+    sock, peer = socket.socketpair()
+    try:
+        yield sock
+    finally:
+        sock.close()
+        peer.close()
+
+
 def test_dul_sleep_ends_when_a_primitive_is_queued_to_send(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, ours: socket.socket) -> None:
     """The association thread's response must not wait for the DUL's next 1 ms look."""
     reactor.install()
-    ours, peer = socket.socketpair()
     slept: list[float] = []
     dul = _dul_with_one_sleep(monkeypatch, ours, 5.0, slept)
-    try:
-        dul.start()
-        time.sleep(0.05)
-        dul.send_pdu(P_DATA())
-        dul.join(5)
-        assert slept and slept[0] < 1.0, f"slept {slept} with a primitive to send"
-        assert dul.to_provider_queue.qsize() == 1
-    finally:
-        ours.close()
-        peer.close()
+    dul.start()
+    time.sleep(0.05)
+    dul.send_pdu(P_DATA())
+    dul.join(5)
+    assert slept and slept[0] < 1.0, f"slept {slept} with a primitive to send"
+    assert dul.to_provider_queue.qsize() == 1
 
 
 def test_dul_sleep_without_anything_to_send_lasts_as_before(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, ours: socket.socket) -> None:
     reactor.install()
-    ours, peer = socket.socketpair()
     slept: list[float] = []
     dul = _dul_with_one_sleep(monkeypatch, ours, 0.2, slept)
-    try:
-        dul.start()
-        dul.join(5)
-        assert slept and slept[0] >= 0.19
-    finally:
-        ours.close()
-        peer.close()
+    dul.start()
+    dul.join(5)
+    assert slept and slept[0] >= 0.19
 
 
-def test_send_wake_is_closed_when_the_reactor_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_send_wake_is_closed_when_the_reactor_ends(monkeypatch: pytest.MonkeyPatch,
+                                                   ours: socket.socket) -> None:
     reactor.install()
-    ours, peer = socket.socketpair()
     slept: list[float] = []
     dul = _dul_with_one_sleep(monkeypatch, ours, 0.01, slept)
-    try:
-        dul.start()
-        dul.join(5)
-        wake = vars(dul)[reactor._WAKE_ATTR]
-        assert wake.fd == -1
-        dul.send_pdu(P_DATA())  # after the end: queued, no write to a closed descriptor
-    finally:
-        ours.close()
-        peer.close()
+    dul.start()
+    dul.join(5)
+    wake = vars(dul)[reactor._WAKE_ATTR]
+    assert wake.fd == -1
+    dul.send_pdu(P_DATA())  # after the end: queued, no write to a closed descriptor
