@@ -473,7 +473,10 @@ class GuardedServer(ThreadedAssociationServer):
     exceeded", all before pynetdicom spends two threads on the connection.
     """
 
-    request_queue_size = 128
+    # the kernel's accept queue: when a flood fills it, a legitimate caller's SYN is
+    # dropped and retried only after 1 s, then 3 s, before the node can even see it
+    # (capped by net.core.somaxconn, 4096 on current kernels)
+    request_queue_size = 1024
     daemon_threads = True
     block_on_close = False
 
