@@ -77,6 +77,19 @@ class Counts:
         setattr(self, name, getattr(self, name) + n)
 
 
+def _forwarding(tmp_path: Path, url: str, pki: dict[str, Path], *,
+                flush_interval_s: float = 3600, **extra: object
+                ) -> tuple[SyslogForwarder, Counts, AuditTrail]:
+    """A started audit trail in ``tmp_path`` forwarding to ``url``, and its counters."""
+    forwarder = SyslogForwarder(_settings(url, pki, **extra), node_ae="DICOMNODE",
+                                source_id="dicomnode/DICOMNODE")
+    counts = Counts(forwarder)
+    trail = AuditTrail(tmp_path / "audit.sqlite3", forwarder=forwarder,
+                       flush_interval_s=flush_interval_s)
+    trail.start()
+    return forwarder, counts, trail
+
+
 def _received(arr: Rsyslog, before: int, count: int) -> list[tuple[str, bytes]]:
     wait_for(lambda: len(arr.raw()) >= before + count, 30,
              f"{count} message(s) at the repository")
@@ -104,12 +117,7 @@ def _event_id(root: ET.Element) -> str:
 @pytest.mark.parametrize("scheme", ["udp", "tcp", "tls"])
 def test_each_transport_delivers_rfc5424_messages_with_dicom_audit_xml(
         tmp_path: Path, arr: Rsyslog, pki: dict[str, Path], scheme: str) -> None:
-    forwarder = SyslogForwarder(_settings(arr.url(scheme), pki), node_ae="DICOMNODE",
-                                source_id="dicomnode/DICOMNODE")
-    counts = Counts(forwarder)
-    trail = AuditTrail(tmp_path / "audit.sqlite3", forwarder=forwarder,
-                       flush_interval_s=3600)
-    trail.start()
+    _forwarder, counts, trail = _forwarding(tmp_path, arr.url(scheme), pki)
     before = len(arr.raw())
     trail.append("application", action="start", pid=7, ae_title="DICOMNODE", role="receiver")
     trail.append("association", calling_ae="CT1", address="127.0.0.1", studies=1)
@@ -197,12 +205,7 @@ def test_an_absent_repository_costs_counted_failures_and_a_backlog(
         tmp_path: Path, pki: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="dicomnode.ops.syslog")
     nobody = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
-    forwarder = SyslogForwarder(_settings(nobody, pki, max_queued=3, timeout_s=0.5),
-                                node_ae="DICOMNODE", source_id="dicomnode/DICOMNODE")
-    counts = Counts(forwarder)
-    trail = AuditTrail(tmp_path / "audit.sqlite3", forwarder=forwarder,
-                       flush_interval_s=3600)
-    trail.start()
+    forwarder, counts, trail = _forwarding(tmp_path, nobody, pki, max_queued=3, timeout_s=0.5)
     for i in range(5):
         trail.append("analysis", job=i, study_uid=f"1.2.3.{i}", patient_key="c0ffee")
     assert trail.flush() == 5  # the local trail does not wait for the network
@@ -219,13 +222,8 @@ def test_an_absent_repository_costs_counted_failures_and_a_backlog(
 
 def test_a_repository_with_a_certificate_from_another_ca_gets_nothing(
         tmp_path: Path, arr: Rsyslog, pki: dict[str, Path]) -> None:
-    forwarder = SyslogForwarder(_settings(arr.url("tls"), pki, ca=str(pki["other_ca"])),
-                                node_ae="DICOMNODE", source_id="dicomnode/DICOMNODE")
-    counts = Counts(forwarder)
     before = len(arr.raw())
-    trail = AuditTrail(tmp_path / "audit.sqlite3", forwarder=forwarder,
-                       flush_interval_s=3600)
-    trail.start()
+    _forwarder, counts, trail = _forwarding(tmp_path, arr.url("tls"), pki, ca=str(pki["other_ca"]))
     trail.append("application", action="start", pid=7, ae_title="DICOMNODE")
     trail.flush()
     wait_for(lambda: counts.failed >= 1, 30, "the handshake refused")
@@ -238,12 +236,7 @@ def test_a_restarted_repository_gets_the_next_record(
     tls = TlsFiles(pki["ca"], pki["arr_cert"], pki["arr_key"])
     first = start_rsyslog(tmp_path / "arr", tls)
     second: Rsyslog | None = None
-    forwarder = SyslogForwarder(_settings(first.url("tcp"), pki), node_ae="DICOMNODE",
-                                source_id="dicomnode/DICOMNODE")
-    counts = Counts(forwarder)
-    trail = AuditTrail(tmp_path / "audit.sqlite3", forwarder=forwarder,
-                       flush_interval_s=3600)
-    trail.start()
+    _forwarder, counts, trail = _forwarding(tmp_path, first.url("tcp"), pki)
     try:
         trail.append("application", action="start", pid=7, ae_title="DICOMNODE")
         trail.flush()
@@ -303,12 +296,8 @@ def test_records_made_while_the_repository_is_down_arrive_once_when_it_is_back(
     tls = TlsFiles(pki["ca"], pki["arr_cert"], pki["arr_key"])
     first = start_rsyslog(tmp_path / "arr", tls)
     second: Rsyslog | None = None
-    forwarder = SyslogForwarder(_settings(first.url("tcp"), pki, timeout_s=0.5),
-                                node_ae="DICOMNODE", source_id="dicomnode/DICOMNODE")
-    counts = Counts(forwarder)
-    trail = AuditTrail(tmp_path / "audit.sqlite3", forwarder=forwarder,
-                       flush_interval_s=0.2)
-    trail.start()
+    forwarder, counts, trail = _forwarding(
+        tmp_path, first.url("tcp"), pki, timeout_s=0.5, flush_interval_s=0.2)
     try:
         for i in range(3):
             _store(trail, i)
@@ -342,13 +331,8 @@ def test_an_overflow_of_max_queued_loses_no_record(
     ports = (first.udp_port, first.tcp_port, first.tls_port)
     first.stop()  # the repository is down from the start
     second: Rsyslog | None = None
-    forwarder = SyslogForwarder(_settings(first.url("tcp"), pki, max_queued=2,
-                                          timeout_s=0.5),
-                                node_ae="DICOMNODE", source_id="dicomnode/DICOMNODE")
-    counts = Counts(forwarder)
-    trail = AuditTrail(tmp_path / "audit.sqlite3", forwarder=forwarder,
-                       flush_interval_s=3600)
-    trail.start()
+    _forwarder, counts, trail = _forwarding(
+        tmp_path, first.url("tcp"), pki, max_queued=2, timeout_s=0.5)
     try:
         for i in range(7):  # more than max_queued, in one batch of the writer
             _store(trail, i)
