@@ -124,6 +124,9 @@ class TaskOptions:
     point_names: str = ""
     output_stride: int = 32
     loc_weight: float = 0.0
+    freeze_encoders: bool = False
+    n_calibration: int = 0
+    calibration_seed: int | None = None
 
     def resolved(self) -> TaskOptions:
         n_val = self.n_val if self.n_val is not None else max(16, self.n_train // 4)
@@ -486,6 +489,8 @@ def train_task(
 
     started = time.perf_counter()
     task = _task(task_name)
+    if options.freeze_encoders and task.name != "brain-tumour":
+        raise TrainingRunError("--freeze-encoders is for the brain-tumour fusion task only")
     if task.trainer is not None:
         return task.trainer(task, options.resolved(), models_dir, name, version)
     assert task.spec and task.model and task.train_config
@@ -1067,6 +1072,16 @@ def register(sub: Any) -> None:
     p.add_argument("--loc-weight", dest="loc_weight", type=float,
                    help="weight of the auxiliary localisation loss on the Grad-CAM where the "
                         "training data carry lesion masks (phantoms); default 0 (off)")
+    p.add_argument("--n-calibration", dest="n_calibration", type=int,
+                   help="brain-tumour-ct/-mr: fit the calibration and choose the operating "
+                        "points on this many phantom patients of their own seed (default 0: "
+                        "on the validation patients, which also pick the best epoch)")
+    p.add_argument("--calibration-seed", dest="calibration_seed", type=int,
+                   help="phantom seed of the calibration patients (default seed + 2)")
+    p.add_argument("--freeze-encoders", dest="freeze_encoders", action="store_true",
+                   default=None,
+                   help="brain-tumour (fusion) only: keep both encoders as initialised from "
+                        "the CT and MR slice models and train the heads alone")
     p.add_argument("--point-names", dest="point_names",
                    help="names for the F1-optimal and sensitivity-target operating points "
                         "(default f1-optimal,sensitivity-<target>), e.g. balanced,screening")
