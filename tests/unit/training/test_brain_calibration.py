@@ -49,7 +49,7 @@ def test_a_per_class_distortion_is_undone_by_vector_scaling() -> None:
     fit = fit_multiclass_calibration(series_rows_at(series), labels, 3)
     assert fit.method == "vector scaling"
     assert fit.selection is not None and fit.selection["chosen"] == fit.method
-    scores = fit.selection["cross_validated_nll"]
+    scores = fit.selection["cross_validated_brier"]
     assert set(scores) == set(MULTICLASS_FAMILIES)
     assert scores["vector scaling"] < scores["temperature + offsets"]
     assert fit.nll_after < fit.nll_before
