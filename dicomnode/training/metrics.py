@@ -37,6 +37,7 @@ __all__ = [
     "calibration",
     "check_binary",
     "confusion_matrix",
+    "ece_noise_floor",
     "f1_optimal_threshold",
     "macro_auc",
     "one_vs_rest_auc",
@@ -499,6 +500,33 @@ def top_label_calibration(
     predicted = probs.argmax(axis=1)
     return _calibration(probs.max(axis=1), (predicted == y).astype(np.float64), n_bins,
                         "top-label confidence vs accuracy")
+
+
+def ece_noise_floor(probabilities: ArrayLike, n: int, *, n_bins: int = 10, draws: int = 500,
+                    seed: int = 0) -> tuple[float, float]:
+    """The ECE a *perfectly calibrated* model shows on ``n`` cases: (median, 90th percentile).
+
+    Each draw resamples ``n`` rows of ``probabilities`` (N,) for P(positive) or (N, K),
+    then draws every case's label from its own row, so the probabilities are exactly
+    right by construction; what ECE remains is sampling noise. A measured ECE near this
+    floor says nothing about miscalibration, and a target below it cannot be shown on a
+    test set of that size.
+    """
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if n < 1 or draws < 1 or probs.shape[0] == 0:
+        raise ValueError("need n >= 1, draws >= 1 and at least one row of probabilities")
+    rng = np.random.default_rng(seed)
+    values = np.empty(draws)
+    for d in range(draws):
+        rows = probs[rng.integers(0, probs.shape[0], n)]
+        if rows.ndim == 1:
+            y = (rng.random(n) < rows).astype(np.int64)
+            values[d] = calibration(y, rows, n_bins=n_bins).ece
+        else:
+            cumulative = np.cumsum(rows / rows.sum(axis=1, keepdims=True), axis=1)
+            y = (rng.random((n, 1)) > cumulative).sum(axis=1).clip(0, rows.shape[1] - 1)
+            values[d] = top_label_calibration(y, rows, n_bins=n_bins).ece
+    return float(np.median(values)), float(np.quantile(values, 0.9))
 
 
 def one_vs_rest_auc(y_true: ArrayLike, probabilities: ArrayLike) -> tuple[float, ...]:

@@ -16,6 +16,7 @@ from dicomnode.training.metrics import (
     bootstrap_ci,
     calibration,
     confusion_matrix,
+    ece_noise_floor,
     f1_optimal_threshold,
     macro_auc,
     one_vs_rest_auc,
@@ -153,3 +154,20 @@ def test_multiclass_one_vs_rest_auc_and_top_label_calibration() -> None:
     reversed_probs = probs[:, ::-1]
     assert one_vs_rest_auc(y, reversed_probs)[1] == 1.0  # class 1 keeps its column
     assert top_label_calibration(y, probs).ece == pytest.approx(1 - (0.8 + 0.2 / 3))
+
+
+def test_ece_noise_floor_shrinks_with_the_test_set_and_matches_a_calibrated_model() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 2.0, (500, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    small, small_high = ece_noise_floor(probs, 100, draws=200)
+    large, _ = ece_noise_floor(probs, 1000, draws=200)
+    assert 0.0 < large < small <= small_high
+    # a model whose probabilities are right by construction lands near the floor
+    y = np.array([rng.choice(3, p=row) for row in probs[:100]])
+    measured = top_label_calibration(y, probs[:100]).ece
+    assert measured < 2.5 * small_high
+    binary, _ = ece_noise_floor(rng.random(400), 150, draws=100)
+    assert 0.0 < binary < 0.2
+    with pytest.raises(ValueError):
+        ece_noise_floor(probs, 0)
