@@ -1642,8 +1642,9 @@ _SHARED_LIMITATIONS = (
     "Series-level numbers use the key-slice rule over every slice; a series with far more "
     "or thinner slices than the phantoms (20-150 slices) gives the healthy class more "
     "chances of a false key slice.",
-    "Calibration (folded into the logits) and operating points were fitted on validation "
-    "phantoms; re-check both on local data before any use.",
+    "Calibration (folded into the logits) and operating points were fitted on phantoms "
+    "that did not train the model (provenance.training.calibration.fitted_on); re-check "
+    "both on local data before any use.",
 )
 
 CT_CARD = CardText(
