@@ -12,11 +12,12 @@
 # is fixed here). The ONNX bytes, and so the sha256 in the card, can differ between torch
 # versions. Measured on the 2-core development VM (shared), one thread:
 #   pneumonia-cxr  ~ 19 min* (0.2.0, localisation loss; stopped early at epoch 27 of 30)
-#   metastasis-ct  ~ 48 min* (0.3.0: ~17 min making phantoms
-#   and evaluating, ~31 min training; stage 1 stopped early at epoch 29 of 30)
+#   metastasis-ct  ~ 40 min* (0.4.0: 2391 s, 1581 s of it training, all 24 + 6 + 6
+#   epochs; beside two or three other training processes)
 #   brain-tumour-ct ~ 36 min   dat-classifier ~ 50 min*
-#   brain-tumour-mr ~ 48 min* (0.2.0, localisation loss: ~39 min of it training, 32 epochs,
-#   beside 2-4 other CPU-bound processes)
+#   brain-tumour-mr ~ 55 min* (0.2.0, localisation loss: ~39 min of it training, 32 epochs,
+#   beside 2-4 other CPU-bound processes; 0.3.0's calibration on 300 patients and 300
+#   test patients add ~8 min: `recalibrate` took 457-470 s)
 #   brain-tumour-fusion ~ 6 min* (0.2.0: 72 / 42 / 90 patients, 3 epochs)
 #   (* measured while the VM ran 6-9 other processes; expect about half on a free core)
 # The bundled packages are for demonstration and integration testing only: trained and
@@ -79,12 +80,14 @@ build_metastasis_ct() {
     # over 24-60 slices adds to the logit). 0.3.0: the localisation loss on the Grad-CAM
     # of each lesion slice (--loc-weight; 0.2.0's map peaked ~5 px beside the lesion) and
     # phantoms whose hypodense metastases are 10-20 HU below white matter (were 5-16 HU,
-    # head_ct.hypodensity_from).
+    # head_ct.hypodensity_from). 0.4.0: 300 training patients, 0.8 of them with metastases
+    # (tasks_metastasis.TRAIN_METASTASIS_FRACTION; 0.3.0 had 200 at 0.5, 590 positive
+    # slices, and missed hypodense-only and < 6 mm patients), 24 epochs.
     run "$PYTHON" -m dicomnode.cli train metastasis --out "$OUT" "${COMMON[@]}" \
-        --data phantom --seed 0 --n-train 200 --n-val 80 --n-test 100 \
-        --size 128 --phantom-size 256 --depth 10 --width 8 --output-stride 8 --epochs 30 \
-        --patience 10 --augment light-flip --calibration platt --n-boot 2000 \
-        --loc-weight 0.5 --version 0.3.0
+        --data phantom --seed 0 --n-train 300 --n-val 80 --n-test 100 \
+        --size 128 --phantom-size 256 --depth 10 --width 8 --output-stride 8 --epochs 24 \
+        --patience 8 --augment light-flip --calibration platt --n-boot 2000 \
+        --loc-weight 0.5 --version 0.4.0
 }
 
 build_brain_tumour_ct() {

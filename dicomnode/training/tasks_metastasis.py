@@ -73,6 +73,7 @@ __all__ = [
     "MIMIC_REPEAT",
     "MIN_LESION_AREA_MM2",
     "NEGATIVE_FRACTION",
+    "TRAIN_METASTASIS_FRACTION",
     "HeadCtPhantomReader",
     "HeadCtSeries",
     "head_ct_heatmap_cases",
@@ -95,6 +96,11 @@ MIMIC_REPEAT = 4
 #: left out; a lesion's first or last slice often cuts only its cap (a few voxels), which
 #: the model cannot see at its input size, so "positive" there is label noise.
 MIN_LESION_AREA_MM2 = 12.0
+#: Training only: share of training phantom patients drawn with metastases (validation and
+#: test stay balanced, 0.5). Positive slices are the scarce ones (one in ten, fewer still
+#: of the hard kinds: hypodense and < 6 mm); the class weighting and the Platt map fitted
+#: on the balanced validation patients undo the shifted prevalence.
+TRAIN_METASTASIS_FRACTION = 0.8
 
 
 # --- preprocessing ---------------------------------------------------------------------------
@@ -258,7 +264,8 @@ class HeadCtPhantomReader:
         return found
 
     def samples(self, seed: int, n: int, *, negative_fraction: float = 1.0,
-                mimic_repeat: int = 1, min_lesion_area_mm2: float = 0.0) -> list[Sample]:
+                mimic_repeat: int = 1, min_lesion_area_mm2: float = 0.0,
+                metastasis_fraction: float = 0.5) -> list[Sample]:
         """Register the set (seed, n) and list its slices as samples.
 
         With the defaults every slice is one sample. For training, ordinary negative
@@ -266,16 +273,19 @@ class HeadCtPhantomReader:
         negative slices showing a lesion mimic appear ``mimic_repeat`` times (keys
         ``...#1``, ``...#2``; the same slice), and positive slices whose lesion
         cross-section is below ``min_lesion_area_mm2`` are left out (neither label fits).
+        ``metastasis_fraction`` is the share of the set's patients drawn with metastases.
         """
         from dicomnode.phantoms.common import item_rng
         from dicomnode.training.datasets import Sample
 
-        if not 0.0 < negative_fraction <= 1.0 or mimic_repeat < 1 or min_lesion_area_mm2 < 0:
-            raise TrainingRunError("need 0 < negative_fraction <= 1, mimic_repeat >= 1 and "
-                                   "min_lesion_area_mm2 >= 0")
-        labels = head_ct_labels(seed, n)
+        if (not 0.0 < negative_fraction <= 1.0 or mimic_repeat < 1 or min_lesion_area_mm2 < 0
+                or not 0.0 < metastasis_fraction < 1.0):
+            raise TrainingRunError("need 0 < negative_fraction <= 1, mimic_repeat >= 1, "
+                                   "min_lesion_area_mm2 >= 0 and 0 < metastasis_fraction < 1")
+        labels = head_ct_labels(seed, n, metastasis_fraction)
         if self._labels.setdefault(seed, labels) != labels:
-            raise TrainingRunError(f"phantom seed {seed} is already used with another set size")
+            raise TrainingRunError(f"phantom seed {seed} is already used with another set size "
+                                   "or metastasis fraction")
         out: list[Sample] = []
         for index in range(n):
             series = self.series(seed, index)
@@ -325,6 +335,7 @@ def head_ct_phantoms(
     negative_fraction: float = NEGATIVE_FRACTION,
     mimic_repeat: int = MIMIC_REPEAT,
     min_lesion_area_mm2: float = MIN_LESION_AREA_MM2,
+    train_metastasis_fraction: float = TRAIN_METASTASIS_FRACTION,
 ) -> DatasetSplits:
     """Train, val and test phantom patients, each part its own seed (its own patients).
 
@@ -344,11 +355,12 @@ def head_ct_phantoms(
                    f"dicomnode.phantoms.head_ct ({matrix}x{matrix}, 24-60 axial slices, "
                    f"metastases 3-30 mm: ring, solid, hypodense 10-20 HU below white "
                    f"matter), slices labelled from the "
-                   f"lesion masks; train seed {seed} (n={n_train} patients; every positive "
+                   f"lesion masks; train seed {seed} (n={n_train} patients, "
+                   f"{train_metastasis_fraction:g} with metastases; every positive "
                    f"slice with a lesion cross-section of at least {min_lesion_area_mm2:g} "
                    f"mm2, calcification slices x{mimic_repeat}, {negative_fraction:g} of "
                    f"other negative slices), val seed {val_seed} (n={n_val}), test seed "
-                   f"{test_seed} (n={n_test}), every slice")
+                   f"{test_seed} (n={n_test}), half with metastases, every slice")
 
     def part(name: str, part_seed: int, count: int, sampled: bool = False) -> SampleSet:
         if not count:
@@ -356,7 +368,8 @@ def head_ct_phantoms(
         elif sampled:
             samples = reader.samples(part_seed, count, negative_fraction=negative_fraction,
                                      mimic_repeat=mimic_repeat,
-                                     min_lesion_area_mm2=min_lesion_area_mm2)
+                                     min_lesion_area_mm2=min_lesion_area_mm2,
+                                     metastasis_fraction=train_metastasis_fraction)
         else:
             samples = reader.samples(part_seed, count)
         return SampleSet(name, samples, spec, CLASS_NAMES, reader, description=description)
@@ -371,7 +384,8 @@ def head_ct_phantoms(
                                                   "test": n_test},
                     "training_slices": {"negative_fraction": negative_fraction,
                                         "mimic_repeat": mimic_repeat,
-                                        "min_lesion_area_mm2": min_lesion_area_mm2},
+                                        "min_lesion_area_mm2": min_lesion_area_mm2,
+                                        "metastasis_fraction": train_metastasis_fraction},
                     "seeds": {"train": seed, "val": val_seed, "test": test_seed}})
 
 

@@ -41,8 +41,10 @@ from dicomnode.training.tasks_metastasis import (  # noqa: E402
     CLASS_NAMES,
     MIMIC_REPEAT,
     MIN_LESION_AREA_MM2,
+    TRAIN_METASTASIS_FRACTION,
     HeadCtPhantomReader,
     head_ct_heatmap_cases,
+    head_ct_labels,
     head_ct_phantom_series,
     head_ct_phantoms,
     metastasis_spec,
@@ -264,3 +266,15 @@ def test_training_leaves_out_positive_slices_that_cut_only_a_lesion_cap() -> Non
     kept = reader.samples(3, 2, negative_fraction=0.5, min_lesion_area_mm2=cut)
     assert {s.key for s in kept if s.label} == {k for k, a in areas.items() if a >= cut}
     assert [s.key for s in kept if not s.label] == [s.key for s in every if not s.label]
+
+
+def test_training_patients_are_drawn_mostly_with_metastases() -> None:
+    assert head_ct_labels(5, 10, TRAIN_METASTASIS_FRACTION).count("metastasis") == 8
+    assert head_ct_labels(5, 10).count("metastasis") == 5  # validation and test: balanced
+    reader = HeadCtPhantomReader(MATRIX)
+    samples = reader.samples(5, 4, negative_fraction=0.2, metastasis_fraction=0.75)
+    assert len({s.patient_id for s in samples if s.label}) == 3
+    with pytest.raises(TrainingRunError, match="another set size"):
+        reader.samples(5, 4, metastasis_fraction=0.5)  # the seed's patients are drawn
+    with pytest.raises(TrainingRunError, match="metastasis_fraction"):
+        HeadCtPhantomReader(MATRIX).samples(5, 4, metastasis_fraction=1.0)
