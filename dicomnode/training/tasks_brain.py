@@ -119,7 +119,7 @@ __all__ = [
     "ct_model",
     "ct_spec",
     "export_fusion_checkpoint",
-    "fit_key_calibration",
+    "fit_multiclass_calibration",
     "fit_series_calibration",
     "fold_calibration",
     "fusion_model",
@@ -725,10 +725,6 @@ def _nll(logits: FloatArray, targets: FloatArray) -> float:
     return float(-np.mean((targets * log_p).sum(axis=1)))
 
 
-def _key_rows(series_logits: Sequence[FloatArray], scale: float) -> FloatArray:
-    return np.stack([scale * s[int(np.argmax(tumour_score(scale * s)))] for s in series_logits])
-
-
 def _golden(f: Callable[[float], float], low: float, high: float, steps: int = 40) -> float:
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
     a, b = low, high
@@ -744,43 +740,6 @@ def _golden(f: Callable[[float], float], low: float, high: float, steps: int = 4
             d = a + ratio * (b - a)
             fd = f(d)
     return (a + b) / 2.0
-
-
-def fit_key_calibration(rows_at: Callable[[float], FloatArray], labels: NDArray[np.int64],
-                        k: int) -> SeriesCalibration:
-    """Fit the scale and the no-tumour offset minimising the NLL of series-level rows.
-
-    ``rows_at(scale)`` gives each validation series' output logits (N, K) after scaling
-    every slice's logits by ``scale`` and applying the serving rule (the key slice can
-    depend on the scale). CT (K = 1): Platt scaling of the max-pooled logit. Three
-    classes: a temperature with an additive offset on the healthy logit, which moves
-    every slice's tumour score equally and so never changes a key slice.
-    """
-    y = np.asarray(labels, dtype=np.int64)
-    classes = 2 if k == 1 else k
-    if np.unique(y).size < classes:
-        raise TrainingRunError("calibration needs validation patients of every class")
-    targets = _smoothed(y, classes)
-
-    def best_offset(scale: float) -> tuple[float, float]:
-        rows = rows_at(scale)
-
-        def loss(offset: float) -> float:
-            shifted = rows.copy()
-            shifted[:, 0] += offset
-            return _nll(shifted, targets)
-
-        offset = _golden(loss, -30.0, 30.0)
-        return offset, loss(offset)
-
-    log_scale = _golden(lambda v: best_offset(math.exp(v))[1], math.log(1e-3), math.log(1e3),
-                        steps=60)
-    scale = math.exp(log_scale)
-    offset, after = best_offset(scale)
-    before = _nll(rows_at(1.0), targets)
-    shift = (offset,) if k == 1 else (offset,) + (0.0,) * (k - 1)
-    method = "platt" if k == 1 else "temperature + healthy-logit offset"
-    return SeriesCalibration(method, scale, shift, int(y.size), before, after)
 
 
 #: Multi-class calibration families, both affine in the logits and foldable into the head:
@@ -936,11 +895,38 @@ def series_rows_at(series_logits: Sequence[NDArray[Any]]) -> RowsAt:
 
 def fit_series_calibration(series_logits: Sequence[NDArray[Any]], labels: NDArray[np.int64]
                            ) -> SeriesCalibration:
-    """:func:`fit_key_calibration` for single-series models: each validation series'
-    slice logits (S, K) through the key-slice rule."""
+    """Platt scaling of one-logit series models through the key-slice rule: the scale and
+    offset minimising the NLL (against Platt's smoothed targets) of each validation
+    series' key-slice logit, the key slice re-chosen at every scale. Three-class models
+    use :func:`fit_multiclass_calibration`."""
     logits = [np.asarray(s, dtype=np.float64) for s in series_logits]
-    return fit_key_calibration(lambda scale: _key_rows(logits, scale), labels,
-                               logits[0].shape[1])
+    if logits[0].shape[1] != 1:
+        raise TrainingRunError("fit_series_calibration is for one-logit models; three-class "
+                               "models use fit_multiclass_calibration")
+    y = np.asarray(labels, dtype=np.int64)
+    if np.unique(y).size < 2:
+        raise TrainingRunError("calibration needs validation patients of every class")
+    targets = _smoothed(y, 2)
+    series_rows = series_rows_at(logits)
+
+    def rows_at(scale: float) -> FloatArray:
+        return series_rows(np.array([scale]), np.zeros(1))
+
+    def best_offset(scale: float) -> tuple[float, float]:
+        rows = rows_at(scale)
+
+        def loss(offset: float) -> float:
+            return _nll(rows + offset, targets)
+
+        offset = _golden(loss, -30.0, 30.0)
+        return offset, loss(offset)
+
+    log_scale = _golden(lambda v: best_offset(math.exp(v))[1], math.log(1e-3), math.log(1e3),
+                        steps=60)
+    scale = math.exp(log_scale)
+    offset, after = best_offset(scale)
+    before = _nll(rows_at(1.0), targets)
+    return SeriesCalibration("platt", scale, (offset,), int(y.size), before, after)
 
 
 def fold_calibration(linear: nn.Linear, calibration: SeriesCalibration) -> None:
@@ -1488,19 +1474,16 @@ def recalibrate_slice_package(directory: Path, *, n_calibration: int,
     and every number after it are what a fresh training run with the same options gives,
     to the optimiser's tolerance. The earlier calibration stays in the card's provenance.
     """
-    import torch
 
     from dicomnode.inference.package import sha256_file
-    from dicomnode.training.commands import _task
+    from dicomnode.training.commands import _load_checkpoint, _task
 
     started = time.perf_counter()
     if n_calibration < 1:
         raise TrainingRunError("recalibrate needs calibration patients (n_calibration >= 1)")
     checkpoint = Path(directory) / TRAINING_DIR / "checkpoint.pt"
     earlier_sha256 = sha256_file(checkpoint)
-    data = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-        raise TrainingRunError(f"{checkpoint} is not a {CHECKPOINT_FORMAT} checkpoint")
+    data = _load_checkpoint(checkpoint)
     task = _task(str(data["task"]))
     if task.name not in ("brain-tumour-ct", "brain-tumour-mr") or task.model is None:
         raise TrainingRunError(f"{task.name}: recalibrate is for the CT and MR slice tasks")
