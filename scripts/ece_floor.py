@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dicomnode.pipelines.brain_rules import sigmoid, softmax
 from dicomnode.training.metrics import ece_noise_floor
 
 
@@ -35,11 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logits = np.array([c["logits"] for c in json.loads(cases_path.read_text())],
                       dtype=np.float64)
-    if logits.shape[1] == 1:
-        probabilities = 1.0 / (1.0 + np.exp(-logits[:, 0]))
-    else:
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probabilities = e / e.sum(axis=1, keepdims=True)
+    probabilities = sigmoid(logits[:, 0]) if logits.shape[1] == 1 else softmax(logits)
     print(f"{args.package.name}: probabilities of its {len(logits)} held-out cases")
     for n in args.n:
         median, high = ece_noise_floor(probabilities, n, draws=args.draws, seed=args.seed)

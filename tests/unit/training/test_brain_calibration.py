@@ -16,6 +16,7 @@ pytest.importorskip("onnx")
 
 from dicomnode.cli import main as cli_main  # noqa: E402
 from dicomnode.inference import load_package  # noqa: E402
+from dicomnode.pipelines.brain_rules import softmax as _softmax  # noqa: E402
 from dicomnode.training.commands import TrainingRunError  # noqa: E402
 from dicomnode.training.tasks_brain import (  # noqa: E402
     MULTICLASS_FAMILIES,
@@ -25,12 +26,6 @@ from dicomnode.training.tasks_brain import (  # noqa: E402
     main,
     series_rows_at,
 )
-
-
-def _softmax(rows: np.ndarray) -> np.ndarray:
-    e = np.exp(rows - rows.max(axis=1, keepdims=True))
-    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
-    return out
 
 
 def _drawn(true_logits: np.ndarray, seed: int = 0) -> np.ndarray:
