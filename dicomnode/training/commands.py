@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
     from dicomnode.inference.package import Metric, ModelPackage
     from dicomnode.training.architectures import ResNet
+    from dicomnode.training.calibration import CalibrationFit
     from dicomnode.training.datasets import DatasetSplits, SampleSet
     from dicomnode.training.evaluate import CrossValidationReport, EvaluationReport
     from dicomnode.training.export import WrittenPackage
@@ -68,6 +69,7 @@ __all__ = [
     "TrainingRunError",
     "evaluate_model",
     "export_checkpoint",
+    "recalibrate_package",
     "register",
     "register_task",
     "train_task",
@@ -484,8 +486,7 @@ def train_task(
     """Train, evaluate, save a checkpoint, export the package and re-evaluate it served."""
     import torch
 
-    from dicomnode.training.evaluate import choose_thresholds, evaluate
-    from dicomnode.training.loop import fit, predict_scores
+    from dicomnode.training.loop import fit
 
     started = time.perf_counter()
     task = _task(task_name)
@@ -498,14 +499,13 @@ def train_task(
     if options.data not in task.datasets:
         raise TrainingRunError(f"task {task.name} trains from --data "
                                f"{' | '.join(sorted(task.datasets))}; got {options.data!r}")
+    if options.n_calibration and (task.loss != "bce" or options.calibration == "none"):
+        raise TrainingRunError("--n-calibration needs --calibration temperature or platt")
     if options.threads:
         torch.set_num_threads(options.threads)
     stream = _stream(options)
     spec = task.spec(options)
-    splits = task.datasets[options.data](options, spec)
-    if tuple(c.lower() for c in splits.class_names) != task.class_names:
-        raise TrainingRunError(f"the data's classes {list(splits.class_names)} are not the "
-                               f"task's {list(task.class_names)}")
+    splits = _splits(task, options, spec)
     config = task.train_config(options)
     masks = splits.train.masks(stream) if config.localisation_weight > 0 else None
     x_train, y_train = splits.train.arrays(stream)
@@ -517,76 +517,23 @@ def train_task(
     if options.folds:
         cross_validation = _cross_validate(task, options, config, splits, (x_train, y_train),
                                            (x_val, y_val), stream)
+    x_cal, y_cal = (splits.calibration.arrays(stream) if splits.calibration is not None
+                    else (x_val, y_val))
     torch.manual_seed(options.seed)
     model = task.model(options)
     result = fit(model, (x_train, y_train), (x_val, y_val), config, loss_kind=task.loss,
                  n_classes=len(task.class_names), forward=task.forward, stream=stream,
                  masks=masks)
-    calibration = None
-    if options.calibration != "none":
-        from dicomnode.training.calibration import CalibrationError, calibrate_model
-
-        if options.calibration not in ("temperature", "platt") or task.loss != "bce":
-            raise TrainingRunError("--calibration is none, temperature or platt (for "
-                                   "single-logit tasks)")
-        try:
-            calibration = calibrate_model(
-                result.model, x_val, lambda z: _pooled(task, splits.val, y_val, z),
-                method="platt" if options.calibration == "platt" else "temperature",
-                forward=task.forward)
-        except CalibrationError as exc:
-            raise TrainingRunError(f"calibration on the validation set failed: {exc}") from exc
-    val_scores = predict_scores(result.model, x_val, loss_kind=task.loss, forward=task.forward)
-    test_scores = predict_scores(result.model, x_test, loss_kind=task.loss,
-                                 forward=task.forward)
-    y_val, val_scores = _pooled(task, splits.val, y_val, val_scores)
-    y_test, test_scores = _pooled(task, held_out, y_test, test_scores)
-    thresholds: dict[str, float] = {}
-    if task.loss == "bce":
-        chosen = choose_thresholds(y_val, val_scores,
-                                   sensitivity_target=options.sensitivity_target)
-        thresholds = _named_points({k: c.threshold for k, c in chosen.items()},
-                                   options.point_names)
-    unit = f" patients, {len(held_out)} samples" if task.aggregate is not None else ""
-    test_name = (f"held-out test set (n={len(y_test)}{unit})" if test is not None else
-                 f"validation set, no test set (n={len(y_test)}{unit})")
-    val_unit = f" patients, {len(splits.val)} samples" if task.aggregate is not None else ""
-    val_report = evaluate(y_val, val_scores, class_names=splits.class_names,
-                          dataset=f"validation set (n={len(y_val)}{val_unit})",
-                          n_boot=min(500, options.n_boot), seed=options.seed,
-                          sensitivity_target=options.sensitivity_target)
-    test_report = evaluate(y_test, test_scores, class_names=splits.class_names,
-                           dataset=test_name, thresholds=thresholds,
-                           thresholds_from=f"validation set (n={len(y_val)}{val_unit})",
-                           n_boot=options.n_boot, seed=options.seed,
-                           sensitivity_target=options.sensitivity_target)
+    calibration, val_report, test_report = _calibrate_and_measure(
+        task, options, result.model, splits, (x_val, y_val), (x_cal, y_cal), (x_test, y_test))
     package_name = name or task.default_package_name
-    limitations = list(task.card.limitations)
-    if splits.synthetic:
-        limitations.insert(0, f"Trained and tested on {NOT_CLINICAL}.")
-    if test is None:
-        limitations.append("No separate test set: metrics are on the validation set that "
-                           "chose the thresholds and the stopping epoch (optimistic).")
-    limitations.extend(f"Evaluation warning: {w}" for w in test_report.warnings)
-    card_fields = {
-        "version": version,
-        "metrics": [dataclasses.asdict(m) for m in test_report.card_metrics()],
-        "operating_points": [dataclasses.asdict(p) for p in test_report.card_operating_points(
-            "logits", class_name=task.class_names[-1])] if task.loss == "bce" else [],
-        "training_data": _training_data(task, splits),
-        "limitations": limitations,
-    }
+    card_fields = _card_fields(task, splits, test_report, version)
     training: dict[str, Any] = {
         "options": options.to_dict(),
         "config": config.to_dict(),
-        "data": splits.describe(),
-        "data_provenance": dict(splits.provenance),
+        **_measured_record(splits, val_report, calibration),
         "result": {k: v for k, v in result.to_dict().items() if k != "history"},
-        "validation_auc": _json_number(val_report.auc.value),
-        "thresholds_from": "validation",
     }
-    if calibration is not None:
-        training["calibration"] = calibration.to_dict()
     if config.localisation_weight > 0:
         training["localisation"] = _localisation_record(config.localisation_weight, masks,
                                                         y_train)
@@ -601,9 +548,64 @@ def train_task(
     provenance = {"task": task.name, "preprocessing_fingerprint": spec.fingerprint,
                   "training": training}
     directory = models_dir / package_name
+    _write_json(directory / TRAINING_DIR / "history.json", result.to_dict())
+    if cross_validation is not None:
+        _write_json(directory / TRAINING_DIR / "cross_validation.json",
+                    cross_validation.to_dict())
+    checkpoint = _save_checkpoint(directory, task, options, card_fields, provenance, spec,
+                                  result.model, x_test, val_report, test_report)
+    written = export_checkpoint(checkpoint, models_dir, name=package_name, version=version)
+    serving: EvaluationReport | None = None
+    if task.loss == "bce" and test_report.auc.defined:
+        serving = _serving_check(task, written.package, held_out, test_report, options)
+    return TrainingOutcome(written.package, checkpoint, test_report, val_report, serving,
+                           time.perf_counter() - started, cross_validation)
+
+
+def _card_fields(task: Task, splits: DatasetSplits, test_report: EvaluationReport,
+                 version: str) -> dict[str, Any]:
+    """The card's measured parts (metrics, operating points, data, limitations)."""
+    limitations = list(task.card.limitations)
+    if splits.synthetic:
+        limitations.insert(0, f"Trained and tested on {NOT_CLINICAL}.")
+    if splits.test is None or not len(splits.test):
+        limitations.append("No separate test set: metrics are on the validation set that "
+                           "chose the thresholds and the stopping epoch (optimistic).")
+    limitations.extend(f"Evaluation warning: {w}" for w in test_report.warnings)
+    return {
+        "version": version,
+        "metrics": [dataclasses.asdict(m) for m in test_report.card_metrics()],
+        "operating_points": [dataclasses.asdict(p) for p in test_report.card_operating_points(
+            "logits", class_name=task.class_names[-1])] if task.loss == "bce" else [],
+        "training_data": _training_data(task, splits),
+        "limitations": limitations,
+    }
+
+
+def _measured_record(splits: DatasetSplits, val_report: EvaluationReport,
+                     calibration: CalibrationFit | None) -> dict[str, Any]:
+    """Provenance of the data and of what was fitted on them after training."""
+    record: dict[str, Any] = {
+        "data": splits.describe(),
+        "data_provenance": dict(splits.provenance),
+        "validation_auc": _json_number(val_report.auc.value),
+        "thresholds_from": "calibration" if splits.calibration is not None else "validation",
+    }
+    if calibration is not None:
+        record["calibration"] = calibration.to_dict()
+    return record
+
+
+def _save_checkpoint(directory: Path, task: Task, options: TaskOptions,
+                     card_fields: Mapping[str, Any], provenance: Mapping[str, Any],
+                     spec: PreprocessSpec, model: nn.Module, x_example: NDArray[np.float32],
+                     val_report: EvaluationReport, test_report: EvaluationReport) -> Path:
+    """The checkpoint (weights, options, card fields) and the torch reports beside it."""
+    import torch
+
     checkpoint = directory / TRAINING_DIR / "checkpoint.pt"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.from_numpy(x_test[: min(2, x_test.shape[0])].copy())
+    example = torch.from_numpy(x_example[: min(2, x_example.shape[0])].copy())
     if example.shape[0] < 2:
         example = torch.cat([example, example])
     torch.save({
@@ -613,21 +615,176 @@ def train_task(
         "card": json.dumps(card_fields),
         "provenance": json.dumps(provenance, default=str),
         "spec": json.dumps(spec.to_dict()),
-        "state_dict": result.model.state_dict(),
+        "state_dict": model.state_dict(),
         "example": example,
     }, checkpoint)
-    _write_json(directory / TRAINING_DIR / "history.json", result.to_dict())
     _write_json(directory / TRAINING_DIR / "validation_report.json", val_report.to_dict())
     _write_json(directory / TRAINING_DIR / "test_report_torch.json", test_report.to_dict())
-    if cross_validation is not None:
-        _write_json(directory / TRAINING_DIR / "cross_validation.json",
-                    cross_validation.to_dict())
-    written = export_checkpoint(checkpoint, models_dir, name=package_name, version=version)
-    serving: EvaluationReport | None = None
-    if task.loss == "bce" and test_report.auc.defined:
-        serving = _serving_check(task, written.package, held_out, test_report, options)
+    return checkpoint
+
+
+def recalibrate_package(directory: Path | str, *, n_calibration: int,
+                        calibration_seed: int | None = None, n_test: int | None = None,
+                        version: str | None = None, stream: TextIO | None = None
+                        ) -> TrainingOutcome:
+    """Redo a package's post-training steps from its checkpoint on ``n_calibration``
+    calibration patients (and optionally another test-set size), in place.
+
+    What ``train ... --n-calibration N`` does after training, on the weights the
+    checkpoint holds. Those carry the earlier temperature or Platt map folded in; both
+    families are closed under composition (``a2 (a1 z + b1) + b2``), so the new map and
+    every number after it are what a fresh run with the same options gives, to the
+    optimiser's tolerance. The earlier map stays in the card's provenance. For tasks
+    trained by the shared recipe (a task with its own trainer has its own recalibration).
+    """
+    import torch
+
+    from dicomnode.inference.package import sha256_file
+
+    started = time.perf_counter()
+    if n_calibration < 1:
+        raise TrainingRunError("recalibrate needs calibration patients (n_calibration >= 1)")
+    directory = Path(directory)
+    checkpoint = directory / TRAINING_DIR / "checkpoint.pt"
+    data = _load_checkpoint(checkpoint)
+    earlier_sha256 = sha256_file(checkpoint)
+    task = _task(str(data["task"]))
+    if task.trainer is not None or task.model is None or task.spec is None:
+        raise TrainingRunError(f"{task.name} has its own trainer; recalibrate here is for "
+                               "tasks trained by the shared recipe")
+    changes: dict[str, Any] = {"n_calibration": n_calibration}
+    if calibration_seed is not None:
+        changes["calibration_seed"] = calibration_seed
+    if n_test is not None:
+        changes["n_test"] = n_test
+    options = dataclasses.replace(TaskOptions.from_dict(json.loads(data["options"])),
+                                  **changes).resolved()
+    if options.calibration == "none" or task.loss != "bce":
+        raise TrainingRunError("recalibrate needs a single-logit package trained with "
+                               "--calibration temperature or platt")
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    stream = stream or _stream(options)
+    spec = PreprocessSpec.from_dict(json.loads(data["spec"]))
+    if task.spec(options).fingerprint != spec.fingerprint:
+        raise TrainingRunError("the checkpoint's spec differs from what its task builds now")
+    splits = _splits(task, options, spec)
+    assert splits.calibration is not None
+    model = task.model(dataclasses.replace(options, weights=None))
+    model.load_state_dict(data["state_dict"])
+    model.eval()
+    val = splits.val.arrays(stream)
+    cal = splits.calibration.arrays(stream)
+    test = splits.test if splits.test is not None and len(splits.test) else None
+    held_out = test if test is not None else splits.val
+    held = held_out.arrays(stream) if held_out is not splits.val else val
+    calibration, val_report, test_report = _calibrate_and_measure(
+        task, options, model, splits, val, cal, held)
+    earlier = json.loads(data["card"])
+    card_fields = _card_fields(task, splits, test_report, version or str(earlier["version"]))
+    provenance = json.loads(data["provenance"])
+    training = {**provenance["training"], "options": options.to_dict(),
+                **_measured_record(splits, val_report, calibration)}
+    training["recalibrated"] = {
+        "from_checkpoint_sha256": earlier_sha256,
+        "earlier_calibration": {**provenance["training"].get("calibration", {}),
+                                "note": "folded into the weights before this one"},
+        "earlier_thresholds_from": provenance["training"].get("thresholds_from"),
+    }
+    provenance["training"] = training
+    checkpoint = _save_checkpoint(directory, task, options, card_fields, provenance, spec,
+                                  model, held[0], val_report, test_report)
+    written = export_checkpoint(checkpoint, directory.parent, name=directory.name,
+                                version=card_fields["version"])
+    serving = (_serving_check(task, written.package, held_out, test_report, options)
+               if test_report.auc.defined else None)
     return TrainingOutcome(written.package, checkpoint, test_report, val_report, serving,
-                           time.perf_counter() - started, cross_validation)
+                           time.perf_counter() - started)
+
+
+def _splits(task: Task, options: TaskOptions, spec: PreprocessSpec) -> DatasetSplits:
+    """The task's data for these options, checked against the task's classes and, with
+    ``--n-calibration``, holding the calibration part it asks for."""
+    splits = task.datasets[options.data](options, spec)
+    if tuple(c.lower() for c in splits.class_names) != task.class_names:
+        raise TrainingRunError(f"the data's classes {list(splits.class_names)} are not the "
+                               f"task's {list(task.class_names)}")
+    if options.n_calibration and splits.calibration is None:
+        raise TrainingRunError(f"--n-calibration: task {task.name} with --data {options.data} "
+                               "has no calibration part")
+    return splits
+
+
+def _set_name(part: str, samples: SampleSet, n: int, task: Task) -> str:
+    unit = f" patients, {len(samples)} samples" if task.aggregate is not None else ""
+    return f"{part} (n={n}{unit})"
+
+
+def _calibrate_and_measure(
+    task: Task,
+    options: TaskOptions,
+    model: nn.Module,
+    splits: DatasetSplits,
+    val: tuple[NDArray[np.float32], NDArray[np.int64]],
+    cal: tuple[NDArray[np.float32], NDArray[np.int64]],
+    held: tuple[NDArray[np.float32], NDArray[np.int64]],
+) -> tuple[CalibrationFit | None, EvaluationReport, EvaluationReport]:
+    """After training: calibrate (folded into ``model``), choose the operating points,
+    and measure the validation and held-out sets with torch (the points travel in the
+    held-out report).
+
+    The map and the points are fitted on the calibration part where the data have one,
+    else on the validation part (which also chose the epoch).
+    """
+    from dicomnode.training.evaluate import choose_thresholds, evaluate
+    from dicomnode.training.loop import predict_scores
+
+    cal_set = splits.calibration if splits.calibration is not None else splits.val
+    cal_part = "calibration set" if splits.calibration is not None else "validation set"
+    test = splits.test if splits.test is not None and len(splits.test) else None
+    held_out = test if test is not None else splits.val
+    calibration = None
+    if options.calibration != "none":
+        from dicomnode.training.calibration import CalibrationError, calibrate_model
+
+        if options.calibration not in ("temperature", "platt") or task.loss != "bce":
+            raise TrainingRunError("--calibration is none, temperature or platt (for "
+                                   "single-logit tasks)")
+        try:
+            calibration = calibrate_model(
+                model, cal[0], lambda z: _pooled(task, cal_set, cal[1], z),
+                method="platt" if options.calibration == "platt" else "temperature",
+                forward=task.forward)
+        except CalibrationError as exc:
+            raise TrainingRunError(f"calibration on the {cal_part} failed: {exc}") from exc
+
+    def scores(part: SampleSet, data: tuple[NDArray[np.float32], NDArray[np.int64]]
+               ) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+        raw = predict_scores(model, data[0], loss_kind=task.loss, forward=task.forward)
+        return _pooled(task, part, data[1], raw)
+
+    y_val, val_scores = scores(splits.val, val)
+    y_cal, cal_scores = (scores(cal_set, cal) if cal_set is not splits.val
+                         else (y_val, val_scores))
+    y_test, test_scores = scores(held_out, held)
+    thresholds: dict[str, float] = {}
+    if task.loss == "bce":
+        chosen = choose_thresholds(y_cal, cal_scores,
+                                   sensitivity_target=options.sensitivity_target)
+        thresholds = _named_points({k: c.threshold for k, c in chosen.items()},
+                                   options.point_names)
+    test_name = _set_name("held-out test set" if test is not None
+                          else "validation set, no test set", held_out, len(y_test), task)
+    val_report = evaluate(y_val, val_scores, class_names=splits.class_names,
+                          dataset=_set_name("validation set", splits.val, len(y_val), task),
+                          n_boot=min(500, options.n_boot), seed=options.seed,
+                          sensitivity_target=options.sensitivity_target)
+    test_report = evaluate(y_test, test_scores, class_names=splits.class_names,
+                           dataset=test_name, thresholds=thresholds,
+                           thresholds_from=_set_name(cal_part, cal_set, len(y_cal), task),
+                           n_boot=options.n_boot, seed=options.seed,
+                           sensitivity_target=options.sensitivity_target)
+    return calibration, val_report, test_report
 
 
 def _localisation_record(weight: float, masks: NDArray[np.uint8] | None,
@@ -1018,6 +1175,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return _run(action)
 
 
+def cmd_recalibrate(args: argparse.Namespace) -> int:
+    def action() -> int:
+        directory = Path(args.package)
+        task = _task(str(_load_checkpoint(directory / TRAINING_DIR / "checkpoint.pt")["task"]))
+        arguments = {"n_calibration": args.n_calibration,
+                     "calibration_seed": args.calibration_seed, "n_test": args.n_test,
+                     "version": args.version, "stream": sys.stderr}
+        if task.trainer is not None:
+            from dicomnode.training.tasks_brain import recalibrate_slice_package
+
+            outcome = recalibrate_slice_package(directory, **arguments)
+        else:
+            outcome = recalibrate_package(directory, **arguments)
+        print((outcome.serving_report or outcome.test_report).format_text())
+        print(f"wrote {outcome.package.directory} (sha256 {outcome.package.sha256[:12]}...) "
+              f"in {outcome.seconds:.0f} s")
+        return 0
+
+    return _run(action)
+
+
 def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", choices=("phantom", "folder", "dicom-csv"),
                    help="phantom (synthetic, generated), folder (root/{train,val,test}/"
@@ -1073,9 +1251,10 @@ def register(sub: Any) -> None:
                    help="weight of the auxiliary localisation loss on the Grad-CAM where the "
                         "training data carry lesion masks (phantoms); default 0 (off)")
     p.add_argument("--n-calibration", dest="n_calibration", type=int,
-                   help="brain-tumour-ct/-mr: fit the calibration and choose the operating "
-                        "points on this many phantom patients of their own seed (default 0: "
-                        "on the validation patients, which also pick the best epoch)")
+                   help="brain-tumour-ct/-mr, metastasis: fit the calibration and choose "
+                        "the operating points on this many phantom patients of their own "
+                        "seed (default 0: on the validation patients, which also pick the "
+                        "best epoch)")
     p.add_argument("--calibration-seed", dest="calibration_seed", type=int,
                    help="phantom seed of the calibration patients (default seed + 2)")
     p.add_argument("--freeze-encoders", dest="freeze_encoders", action="store_true",
@@ -1109,4 +1288,16 @@ def register(sub: Any) -> None:
     p.add_argument("--name")
     p.add_argument("--version")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "recalibrate", help="refit a package's calibration and operating points on "
+                            "calibration patients of their own seed and re-measure it served "
+                            "(in place, from its training checkpoint)")
+    p.add_argument("package", help="package folder (models/<name>) holding training/")
+    p.add_argument("--n-calibration", dest="n_calibration", type=int, required=True)
+    p.add_argument("--calibration-seed", dest="calibration_seed", type=int)
+    p.add_argument("--n-test", dest="n_test", type=int,
+                   help="test patients (default: as trained)")
+    p.add_argument("--version", help="the package's new version")
+    p.set_defaults(func=cmd_recalibrate)
 

@@ -306,7 +306,12 @@ class SampleSet:
 
 @dataclass(frozen=True)
 class DatasetSplits:
-    """Train / val / (test) parts over disjoint patients, one spec, one class list."""
+    """Train / val / (test) parts over disjoint patients, one spec, one class list.
+
+    ``calibration``, where the data have one, is a fourth set of patients on which the
+    calibration map and the operating points are fitted instead of on ``val`` (which also
+    picks the best epoch).
+    """
 
     train: SampleSet
     val: SampleSet
@@ -315,6 +320,7 @@ class DatasetSplits:
     synthetic: bool = False
     sources: tuple[str, ...] = ()
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    calibration: SampleSet | None = None
 
     def __post_init__(self) -> None:
         parts = self.parts()
@@ -333,6 +339,8 @@ class DatasetSplits:
         found = {"train": self.train, "val": self.val}
         if self.test is not None:
             found["test"] = self.test
+        if self.calibration is not None:
+            found["calibration"] = self.calibration
         return found
 
     @property

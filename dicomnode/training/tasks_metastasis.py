@@ -8,8 +8,10 @@ window C40/W80 → z-score), and a patient is as suspicious as their most suspic
   lesion voxels, so the slice model is trained with ordinary per-slice BCE (class
   weighted: about one slice in ten is positive). Patient-level max pooling is applied
   where it matters, at evaluation: the card's AUC, ECE and operating points are
-  *patient-level*, the F1-optimal threshold is chosen on the validation *patients*, and
-  test patients come from a different phantom seed.
+  *patient-level*, the Platt map and the F1-optimal threshold are fitted on the
+  validation *patients* (with ``--n-calibration N``, on N calibration patients of their
+  own seed instead, since the validation patients also choose the epoch), and test
+  patients come from a different phantom seed.
 * **Training slices are sampled, evaluation slices are not.** Nine slices in ten are
   negative, and the negatives that matter are rare: the calcified pineal gland and
   choroid plexus are bright dots beside the ventricles, just like a small enhancing
@@ -336,19 +338,24 @@ def head_ct_phantoms(
     mimic_repeat: int = MIMIC_REPEAT,
     min_lesion_area_mm2: float = MIN_LESION_AREA_MM2,
     train_metastasis_fraction: float = TRAIN_METASTASIS_FRACTION,
+    n_calibration: int = 0,
+    calibration_seed: int | None = None,
 ) -> DatasetSplits:
-    """Train, val and test phantom patients, each part its own seed (its own patients).
+    """Train, val, test (and calibration) phantom patients, each part its own seed (its
+    own patients).
 
-    Training slices are sampled (see the module docstring); validation and test slices
-    are every slice of every series, once.
+    Training slices are sampled (see the module docstring); validation, calibration and
+    test slices are every slice of every series, once.
     """
     from dicomnode.training.datasets import DatasetError, DatasetSplits, SampleSet
 
     val_seed = seed + 1 if val_seed is None else val_seed
     test_seed = seed + 1000 if test_seed is None else test_seed
-    if len({seed, val_seed, test_seed}) != 3:
-        raise DatasetError("train, val and test phantoms need three different seeds")
-    if min(n_train, n_val) < 2 or n_test < 0:
+    calibration_seed = seed + 2 if calibration_seed is None else calibration_seed
+    seeds = [seed, val_seed, test_seed] + ([calibration_seed] if n_calibration else [])
+    if len(set(seeds)) != len(seeds):
+        raise DatasetError("train, val, test (and calibration) phantoms need different seeds")
+    if min(n_train, n_val) < 2 or n_test < 0 or n_calibration < 0:
         raise DatasetError("need at least 2 training and 2 validation phantom patients")
     reader = HeadCtPhantomReader(matrix)
     description = (f"synthetic phantoms, not for clinical use: contrast head CT series from "
@@ -360,7 +367,10 @@ def head_ct_phantoms(
                    f"slice with a lesion cross-section of at least {min_lesion_area_mm2:g} "
                    f"mm2, calcification slices x{mimic_repeat}, {negative_fraction:g} of "
                    f"other negative slices), val seed {val_seed} (n={n_val}), test seed "
-                   f"{test_seed} (n={n_test}), half with metastases, every slice")
+                   f"{test_seed} (n={n_test})"
+                   + (f", calibration seed {calibration_seed} (n={n_calibration})"
+                      if n_calibration else "")
+                   + ", half with metastases, every slice")
 
     def part(name: str, part_seed: int, count: int, sampled: bool = False) -> SampleSet:
         if not count:
@@ -375,18 +385,25 @@ def head_ct_phantoms(
         return SampleSet(name, samples, spec, CLASS_NAMES, reader, description=description)
 
     test = part("test", test_seed, n_test) if n_test else None
+    calibration = (part("calibration", calibration_seed, n_calibration) if n_calibration
+                   else None)
+    patients = {"train": n_train, "val": n_val, "test": n_test}
+    part_seeds = {"train": seed, "val": val_seed, "test": test_seed}
+    if n_calibration:
+        patients["calibration"] = n_calibration
+        part_seeds["calibration"] = calibration_seed
     return DatasetSplits(
         part("train", seed, n_train, sampled=True), part("val", val_seed, n_val), test,
         description,
         synthetic=True, sources=("dicomnode.phantoms.head_ct",),
+        calibration=calibration,
         provenance={"layout": "phantom", "kind": "head-ct", "size": matrix,
-                    "unit": "slice", "patients": {"train": n_train, "val": n_val,
-                                                  "test": n_test},
+                    "unit": "slice", "patients": patients,
                     "training_slices": {"negative_fraction": negative_fraction,
                                         "mimic_repeat": mimic_repeat,
                                         "min_lesion_area_mm2": min_lesion_area_mm2,
                                         "metastasis_fraction": train_metastasis_fraction},
-                    "seeds": {"train": seed, "val": val_seed, "test": test_seed}})
+                    "seeds": part_seeds})
 
 
 def _phantoms(options: TaskOptions, spec: PreprocessSpec) -> DatasetSplits:
@@ -394,7 +411,8 @@ def _phantoms(options: TaskOptions, spec: PreprocessSpec) -> DatasetSplits:
     assert o.n_val is not None and o.n_test is not None and o.phantom_size is not None
     return head_ct_phantoms(spec, n_train=o.n_train, n_val=o.n_val, n_test=o.n_test,
                             seed=o.seed, val_seed=o.val_seed, test_seed=o.test_seed,
-                            matrix=o.phantom_size)
+                            matrix=o.phantom_size, n_calibration=o.n_calibration,
+                            calibration_seed=o.calibration_seed)
 
 
 # --- patient-level pooling -------------------------------------------------------------------
@@ -477,8 +495,9 @@ def _card_text() -> CardText:
             "oedema can be subtler than anything this model was tested on.",
             "Patient-level score is the maximum over slices: one false-positive slice "
             "makes a false-positive patient, so long series score higher on average.",
-            "Operating points were chosen on validation patients and measured on test "
-            "patients; re-check them on local data before any use.",
+            "Operating points were chosen on patients of their own (validation or "
+            "calibration patients, each point names them) and measured on test patients; "
+            "re-check them on local data before any use.",
         ),
     )
 

@@ -5,6 +5,7 @@ folded into the head, and the heat-map hit test."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -278,3 +279,86 @@ def test_training_patients_are_drawn_mostly_with_metastases() -> None:
         reader.samples(5, 4, metastasis_fraction=0.5)  # the seed's patients are drawn
     with pytest.raises(TrainingRunError, match="metastasis_fraction"):
         HeadCtPhantomReader(MATRIX).samples(5, 4, metastasis_fraction=1.0)
+
+
+def test_calibration_patients_are_a_fourth_part_of_their_own_seed() -> None:
+    spec = metastasis_spec(TaskOptions(size=16))
+    splits = head_ct_phantoms(spec, n_train=2, n_val=2, n_test=2, matrix=MATRIX,
+                              n_calibration=3, calibration_seed=7)
+    assert splits.calibration is not None
+    assert set(splits.parts()) == {"train", "val", "test", "calibration"}
+    assert len({s.patient_id for s in splits.calibration.samples}) == 3
+    assert splits.provenance["seeds"]["calibration"] == 7
+    assert "calibration seed 7 (n=3)" in splits.description
+    with pytest.raises(Exception, match="different seeds"):
+        head_ct_phantoms(spec, n_train=2, n_val=2, n_test=2, matrix=MATRIX, n_calibration=2,
+                         calibration_seed=1000)
+
+
+# Small enough for a test, large enough that the slice model learns (at 32 px from 48-64 px
+# phantoms most lesions are under a pixel and the pooled logits rank at random, which
+# calibration rightly refuses).
+TINY = ["--data", "phantom", "--seed", "0", "--n-train", "16", "--n-val", "8", "--n-test", "6",
+        "--size", "64", "--phantom-size", "128", "--depth", "10", "--width", "4",
+        "--output-stride", "8", "--epochs", "4", "--lr", "0.003", "--batch-size", "16",
+        "--n-boot", "50", "--threads", "1", "--no-progress", "--calibration", "platt"]
+
+
+def test_train_with_calibration_patients_then_recalibrate(tmp_path: Path) -> None:
+    import json
+
+    from dicomnode.cli import main
+    from dicomnode.inference.package import load_package
+
+    assert main(["train", "metastasis", "--out", str(tmp_path), *TINY,
+                 "--n-calibration", "8"]) == 0
+    directory = tmp_path / "metastasis-ct"
+    card = load_package(directory).card
+    training = card.provenance["training"]
+    assert training["thresholds_from"] == "calibration"
+    assert training["calibration"]["fitted_on_cases"] == 8  # patients: fitted on pooled logits
+    assert card.training_data.cases["calibration"] > 8  # slices
+    for point in card.operating_points:
+        assert "threshold chosen on calibration set (n=8 patients" in point.dataset
+    first = card.provenance["checkpoint_sha256"]
+
+    def auc(metrics: Any) -> Any:
+        return next(m for m in metrics if m.name == "auc")
+
+    # The same calibration patients again: the weights already carry their Platt map, and
+    # Platt maps compose, so the refit is the identity and nothing measured moves.
+    assert main(["recalibrate", str(directory), "--n-calibration", "8",
+                 "--version", "0.0.2"]) == 0
+    again = load_package(directory).card  # sha256, signature and complete card verified
+    assert again.version == "0.0.2"
+    record = again.provenance["training"]
+    assert record["calibration"]["fitted_on_cases"] == 8
+    assert record["calibration"]["scale"] == pytest.approx(1.0, abs=1e-4)
+    assert record["calibration"]["shift"] == pytest.approx(0.0, abs=1e-4)
+    assert record["data_provenance"]["seeds"]["calibration"] == 2
+    assert record["recalibrated"]["from_checkpoint_sha256"] == first
+    assert record["recalibrated"]["earlier_calibration"]["scale"] == (
+        training["calibration"]["scale"])
+    assert record["result"] == training["result"]  # the training itself is unchanged
+    assert auc(again.metrics).value == auc(card.metrics).value
+    assert [p.threshold for p in again.operating_points] == pytest.approx(
+        [p.threshold for p in card.operating_points], abs=1e-4)
+    assert again.provenance["checkpoint_sha256"] != first
+
+    assert main(["recalibrate", str(directory), "--n-calibration", "8", "--n-test", "8"]) == 0
+    assert "n=8 patients" in auc(load_package(directory).card.metrics).dataset
+    served = json.loads((directory / "evaluation" / "report.json").read_text())
+    assert served["n"] == 8 and served["extra"]["version"] == "0.0.2"
+
+    assert main(["recalibrate", str(directory), "--n-calibration", "4",
+                 "--calibration-seed", "1000"]) == 1  # the test patients' seed
+
+
+def test_calibration_patients_need_a_task_whose_data_have_them(tmp_path: Path) -> None:
+    from dicomnode.cli import main
+
+    argv = ["train", "pneumonia", "--data", "phantom", "--n-train", "8", "--size", "32",
+            "--epochs", "1", "--calibration", "temperature", "--n-calibration", "8",
+            "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    assert not (tmp_path / "pneumonia-cxr").exists()
