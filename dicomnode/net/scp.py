@@ -270,15 +270,17 @@ def read_exact(sock: socket.socket, n: int, deadline: float,
 
 
 def _send_and_close(sock: socket.socket, data: bytes, linger_s: float = 1.0) -> None:
-    """Send a last PDU (RJ or A-ABORT), let the peer read it, then close.
+    """Send a last PDU (RJ or A-ABORT), let the peer read it and close, then close.
 
-    Half-closing and briefly draining instead of closing at once avoids a reset that
-    could destroy the PDU before the peer has read it.
+    The upper layer's state 13 (PS3.8 9.2): after an A-ASSOCIATE-RJ or A-ABORT the
+    acceptor waits, for at most the ARTIM time, for the *requestor* to close the
+    connection. Closing at once could reset the connection and destroy the PDU before
+    the peer has read it; half-closing first let a peer see the end of the stream before
+    it had decoded the RJ and report an abort instead of the rejection.
     """
     try:
         sock.settimeout(1.0)
         sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + linger_s
         while (remaining := deadline - time.monotonic()) > 0:
             sock.settimeout(remaining)
