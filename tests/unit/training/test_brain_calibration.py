@@ -127,8 +127,8 @@ def test_train_with_calibration_patients_then_recalibrate(tmp_path: Path) -> Non
         assert "threshold chosen on calibration patients, seed 2 (n=9)" in point.dataset
     first = card.provenance["checkpoint_sha256"]
 
-    assert main(["recalibrate", str(directory), "--n-calibration", "12",
-                 "--calibration-seed", "5", "--n-test", "9", "--version", "0.0.2"]) == 0
+    assert cli_main(["recalibrate", str(directory), "--n-calibration", "12",  # `dicomnode`
+                     "--calibration-seed", "5", "--n-test", "9", "--version", "0.0.2"]) == 0
     again = load_package(directory).card  # sha256, signature and complete card verified
     assert again.version == "0.0.2"
     record = again.provenance["training"]
