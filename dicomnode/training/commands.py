@@ -70,6 +70,7 @@ __all__ = [
     "evaluate_model",
     "export_checkpoint",
     "recalibrate_package",
+    "recalibration_start",
     "register",
     "register_task",
     "train_task",
@@ -623,6 +624,35 @@ def _save_checkpoint(directory: Path, task: Task, options: TaskOptions,
     return checkpoint
 
 
+def recalibration_start(directory: Path, n_calibration: int, calibration_seed: int | None,
+                        n_test: int | None
+                        ) -> tuple[dict[str, Any], Task, TaskOptions, dict[str, Any]]:
+    """What every recalibration starts from: the package's checkpoint, its task, its
+    options with the new calibration (and test) patients, and the provenance entry that
+    records what the new map replaces."""
+    from dicomnode.inference.package import sha256_file
+
+    if n_calibration < 1:
+        raise TrainingRunError("recalibrate needs calibration patients (n_calibration >= 1)")
+    checkpoint = directory / TRAINING_DIR / "checkpoint.pt"
+    data = _load_checkpoint(checkpoint)
+    changes: dict[str, Any] = {"n_calibration": n_calibration}
+    if calibration_seed is not None:
+        changes["calibration_seed"] = calibration_seed
+    if n_test is not None:
+        changes["n_test"] = n_test
+    options = dataclasses.replace(TaskOptions.from_dict(json.loads(data["options"])),
+                                  **changes).resolved()
+    earlier = json.loads(data["provenance"])["training"]
+    replaced = {
+        "from_checkpoint_sha256": sha256_file(checkpoint),
+        "earlier_calibration": {**earlier.get("calibration", {}),
+                                "note": "folded into the weights before this one"},
+        "earlier_thresholds_from": earlier.get("thresholds_from"),
+    }
+    return data, _task(str(data["task"])), options, replaced
+
+
 def recalibrate_package(directory: Path | str, *, n_calibration: int,
                         calibration_seed: int | None = None, n_test: int | None = None,
                         version: str | None = None, stream: TextIO | None = None
@@ -639,26 +669,13 @@ def recalibrate_package(directory: Path | str, *, n_calibration: int,
     """
     import torch
 
-    from dicomnode.inference.package import sha256_file
-
     started = time.perf_counter()
-    if n_calibration < 1:
-        raise TrainingRunError("recalibrate needs calibration patients (n_calibration >= 1)")
     directory = Path(directory)
-    checkpoint = directory / TRAINING_DIR / "checkpoint.pt"
-    data = _load_checkpoint(checkpoint)
-    earlier_sha256 = sha256_file(checkpoint)
-    task = _task(str(data["task"]))
+    data, task, options, replaced = recalibration_start(directory, n_calibration,
+                                                        calibration_seed, n_test)
     if task.trainer is not None or task.model is None or task.spec is None:
         raise TrainingRunError(f"{task.name} has its own trainer; recalibrate here is for "
                                "tasks trained by the shared recipe")
-    changes: dict[str, Any] = {"n_calibration": n_calibration}
-    if calibration_seed is not None:
-        changes["calibration_seed"] = calibration_seed
-    if n_test is not None:
-        changes["n_test"] = n_test
-    options = dataclasses.replace(TaskOptions.from_dict(json.loads(data["options"])),
-                                  **changes).resolved()
     if options.calibration == "none" or task.loss != "bce":
         raise TrainingRunError("recalibrate needs a single-logit package trained with "
                                "--calibration temperature or platt")
@@ -685,12 +702,7 @@ def recalibrate_package(directory: Path | str, *, n_calibration: int,
     provenance = json.loads(data["provenance"])
     training = {**provenance["training"], "options": options.to_dict(),
                 **_measured_record(splits, val_report, calibration)}
-    training["recalibrated"] = {
-        "from_checkpoint_sha256": earlier_sha256,
-        "earlier_calibration": {**provenance["training"].get("calibration", {}),
-                                "note": "folded into the weights before this one"},
-        "earlier_thresholds_from": provenance["training"].get("thresholds_from"),
-    }
+    training["recalibrated"] = replaced
     provenance["training"] = training
     checkpoint = _save_checkpoint(directory, task, options, card_fields, provenance, spec,
                                   model, held[0], val_report, test_report)

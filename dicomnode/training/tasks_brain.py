@@ -1475,25 +1475,13 @@ def recalibrate_slice_package(directory: Path, *, n_calibration: int,
     to the optimiser's tolerance. The earlier calibration stays in the card's provenance.
     """
 
-    from dicomnode.inference.package import sha256_file
-    from dicomnode.training.commands import _load_checkpoint, _task
+    from dicomnode.training.commands import recalibration_start
 
     started = time.perf_counter()
-    if n_calibration < 1:
-        raise TrainingRunError("recalibrate needs calibration patients (n_calibration >= 1)")
-    checkpoint = Path(directory) / TRAINING_DIR / "checkpoint.pt"
-    earlier_sha256 = sha256_file(checkpoint)
-    data = _load_checkpoint(checkpoint)
-    task = _task(str(data["task"]))
+    data, task, options, replaced = recalibration_start(Path(directory), n_calibration,
+                                                        calibration_seed, n_test)
     if task.name not in ("brain-tumour-ct", "brain-tumour-mr") or task.model is None:
         raise TrainingRunError(f"{task.name}: recalibrate is for the CT and MR slice tasks")
-    options = TaskOptions.from_dict(json.loads(data["options"]))
-    changes: dict[str, Any] = {"n_calibration": n_calibration}
-    if calibration_seed is not None:
-        changes["calibration_seed"] = calibration_seed
-    if n_test is not None:
-        changes["n_test"] = n_test
-    options = dataclasses.replace(options, **changes).resolved()
     _set_threads(options)
     model = task.model(options)
     model.load_state_dict(data["state_dict"])
@@ -1502,12 +1490,7 @@ def recalibrate_slice_package(directory: Path, *, n_calibration: int,
     record = {k: v for k, v in provenance["training"].items()
               if k not in ("calibration", "thresholds_from", "options")}
     record["options"] = options.to_dict()
-    record["recalibrated"] = {
-        "from_checkpoint_sha256": earlier_sha256,
-        "earlier_calibration": {**provenance["training"].get("calibration", {}),
-                                "note": "folded into the weights before this one"},
-        "earlier_thresholds_from": provenance["training"].get("thresholds_from"),
-    }
+    record["recalibrated"] = replaced
     card = json.loads(data["card"])
     train_slices = int(card["training_data"]["cases"].get("train_slices", 0))
     return _calibrate_and_package(
