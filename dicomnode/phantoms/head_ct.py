@@ -53,6 +53,17 @@ CODE = "HCT"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 LABELS = ("normal", "metastasis")
 CT_LESION_KINDS = ("ring", "solid", "hypodense")
+#: Below this diameter a metastasis drawn as "ring" or "hypodense" is painted "solid" (an
+#: enhancing nodule) when "solid" is among the allowed kinds. Both kinds are lesions with a
+#: necrotic or cystic centre: a ring of enhancement round it, or (hypodense, non-enhancing)
+#: the centre with too thin a rim to see. Small metastases on contrast CT are solid
+#: enhancing nodules; a sub-centimetre lesion that does not enhance is not a CT finding
+#: (MRI finds those). Until metastasis-ct 0.5.0 only "ring" was turned, so a hypodense
+#: lesion could be 3 mm: 10-20 HU below white matter, 1-3 px at the model's 128 px, the
+#: size and darkness of a sulcus; patients with only such lesions were labelled positive
+#: from a mask the image barely shows. Turning the kind consumes no random draw, so no
+#: other lesion, and no other phantom, changes.
+NECROTIC_MIN_DIAMETER_MM = 8.0
 
 F32 = NDArray[np.float32]
 Box = tuple[slice, slice, slice]
@@ -983,7 +994,7 @@ def make_head_ct(
         centres = _place_metastases(rng, anatomy, count, diam, pose, z_range)
         for i, (dmm, c) in enumerate(zip(diam, centres, strict=True), start=1):
             kind = str(rng.choice(kinds))
-            if kind == "ring" and dmm < 8.0:
+            if kind in ("ring", "hypodense") and dmm < NECROTIC_MIN_DIAMETER_MM:
                 kind = "solid" if "solid" in kinds else kind
             p_oed = 0.25 + 0.65 * (dmm - lo) / max(hi - lo, 1e-6)
             spec = LesionSpec(

@@ -360,8 +360,8 @@ def head_ct_phantoms(
     reader = HeadCtPhantomReader(matrix)
     description = (f"synthetic phantoms, not for clinical use: contrast head CT series from "
                    f"dicomnode.phantoms.head_ct ({matrix}x{matrix}, 24-60 axial slices, "
-                   f"metastases 3-30 mm: ring, solid, hypodense 10-20 HU below white "
-                   f"matter), slices labelled from the "
+                   f"metastases 3-30 mm: solid, and from 8 mm also ring and hypodense "
+                   f"10-20 HU below white matter), slices labelled from the "
                    f"lesion masks; train seed {seed} (n={n_train} patients, "
                    f"{train_metastasis_fraction:g} with metastases; every positive "
                    f"slice with a lesion cross-section of at least {min_lesion_area_mm2:g} "
@@ -490,9 +490,11 @@ def _card_text() -> CardText:
         limitations=(
             "Axial contrast-enhanced head CT only; lesions smaller than about 5 mm and "
             "hypodense lesions are the ones most often missed.",
-            "The phantoms' hypodense metastases are 10-20 HU below white matter (since "
-            "0.3.0; 5-16 HU before, at 3-8 HU noise): real non-enhancing lesions without "
-            "oedema can be subtler than anything this model was tested on.",
+            "The phantoms' hypodense (non-enhancing) metastases are 8-30 mm and 10-20 HU "
+            "below white matter; smaller ones are enhancing nodules (since 0.6.0, "
+            "head_ct.NECROTIC_MIN_DIAMETER_MM). The model was neither trained nor tested "
+            "on non-enhancing lesions under 8 mm or subtler than 10 HU: real ones exist "
+            "and are better found on MRI.",
             "Patient-level score is the maximum over slices: one false-positive slice "
             "makes a false-positive patient, so long series score higher on average.",
             "Operating points were chosen on patients of their own (validation or "

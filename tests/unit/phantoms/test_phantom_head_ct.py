@@ -88,6 +88,29 @@ def test_hypodense_metastases_are_10_to_20_hu_below_white_matter() -> None:
     assert max(seen) - min(seen) > 2.0  # drawn per lesion, not one constant
 
 
+def test_metastases_under_8_mm_are_enhancing_nodules() -> None:
+    """Ring and hypodense lesions have a necrotic or cystic centre: from 8 mm only."""
+    small = {"label": "metastasis", "n_lesions": 3, "diameter_range_mm": (3.0, 7.9),
+             "matrix": 64, "noise_hu": 4.0}
+    for seed in range(4):
+        hu, _, truth = _small(40 + seed, lesion_kinds=["ring", "hypodense", "solid"], **small)
+        assert truth.lesions and {les["kind"] for les in truth.lesions} == {"solid"}
+        assert all(les["enhancement_hu"] >= 50.0 for les in truth.lesions)
+        # the kind is turned without a random draw of its own: the same volume whatever
+        # kind the draw picked
+        again, _, _ = _small(40 + seed, lesion_kinds=["solid", "ring", "hypodense"], **small)
+        assert np.array_equal(hu, again)
+    # asked for hypodense only, a small lesion stays hypodense (there is no solid to turn to)
+    _, _, truth = _small(44, lesion_kinds=["hypodense"], **small)
+    assert {les["kind"] for les in truth.lesions} == {"hypodense"}
+    kinds = set()
+    for seed in range(6):
+        _, _, truth = _small(50 + seed, n_lesions=3, diameter_range_mm=(8.0, 20.0),
+                             label="metastasis", matrix=64)
+        kinds |= {les["kind"] for les in truth.lesions}
+    assert kinds == {"ring", "solid", "hypodense"}
+
+
 def test_lesion_count_kinds_and_sizes_are_respected() -> None:
     for seed in range(3):
         _, geom, truth = _small(10 + seed, label="metastasis", matrix=64)
