@@ -42,12 +42,13 @@ def group_of(lesions: list[dict[str, Any]]) -> str:
 
 
 def auc(positive: NDArray[np.float64], negative: NDArray[np.float64]) -> float | None:
-    """Mann-Whitney AUC (ties count half); None without both classes."""
+    """The project's Mann-Whitney AUC of positives against negatives; None without both."""
+    from dicomnode.training.metrics import auc as roc_auc
+
     if not len(positive) or not len(negative):
         return None
-    greater = (positive[:, None] > negative[None, :]).sum()
-    ties = (positive[:, None] == negative[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(positive) * len(negative)))
+    labels = np.r_[np.ones(len(positive)), np.zeros(len(negative))]
+    return roc_auc(labels, np.r_[positive, negative])
 
 
 def analyse(model: Path, seed: int, n: int, phantom_size: int | None) -> dict[str, Any]:
@@ -55,7 +56,24 @@ def analyse(model: Path, seed: int, n: int, phantom_size: int | None) -> dict[st
     from dicomnode.inference.package import load_package
     from dicomnode.training.datasets import SampleSet
     from dicomnode.training.evaluate import score_package
-    from dicomnode.training.tasks_metastasis import CLASS_NAMES, HeadCtPhantomReader
+    from dicomnode.training.tasks_metastasis import (
+        CLASS_NAMES,
+        HeadCtPhantomReader,
+        HeadCtSeries,
+        pool_by_patient,
+    )
+
+    truth: dict[str, tuple[int, list[dict[str, Any]]]] = {}
+
+    class Recording(HeadCtPhantomReader):
+        """Keeps each series' lesions as the listing generates it, so the truth needs
+        no third generation pass after scoring."""
+
+        def series(self, seed: int, index: int) -> HeadCtSeries:
+            found = super().series(seed, index)
+            truth.setdefault(found.patient_id,
+                             (index, [dict(x) for x in found.truth.lesions]))
+            return found
 
     pkg = load_package(model)
     card = pkg.card
@@ -66,19 +84,17 @@ def analyse(model: Path, seed: int, n: int, phantom_size: int | None) -> dict[st
     if seed in set(used.values()):
         raise SystemExit(f"seed {seed} is one the model was trained or calibrated on: {used}")
     matrix = phantom_size or int(card.provenance["training"]["data_provenance"]["size"])
-    reader = HeadCtPhantomReader(matrix)
-    samples = reader.samples(seed, n)
+    reader = Recording(matrix)
     spec = PreprocessSpec.from_dict(list(card.preprocessing))
-    scored = score_package(pkg, SampleSet("misses", samples, spec, CLASS_NAMES, reader,
-                                          cache=False))
+    samples = SampleSet("misses", reader.samples(seed, n), spec, CLASS_NAMES, reader,
+                        cache=False)
+    _, pooled = pool_by_patient(samples, score_package(pkg, samples).scores)
     patient_score: dict[int, float] = {}
-    for sample, score in zip(samples, scored.scores, strict=True):
-        index = int(sample.key.split(":")[2])
-        patient_score[index] = max(patient_score.get(index, 0.0), float(score))
     groups: dict[int, str] = {}
     diameters: dict[int, float] = {}
-    for index in range(n):
-        lesions = [dict(x) for x in reader.series(seed, index).truth.lesions]
+    for patient, score in zip(sorted(truth), pooled, strict=True):
+        index, lesions = truth[patient]
+        patient_score[index] = float(score)
         groups[index] = group_of(lesions) if lesions else "normal"
         diameters[index] = max((float(x["diameter_mm"]) for x in lesions), default=0.0)
     negative = np.array([patient_score[i] for i in range(n) if groups[i] == "normal"])
