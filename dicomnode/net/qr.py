@@ -55,6 +55,7 @@ from dicomnode.net.scp import (
     configure_pynetdicom,
     set_nodelay,
 )
+from dicomnode.net.scu import RejectionWatch
 from dicomnode.net.status import Status, category
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ class QueryClient:
                 setattr(event.assoc, _SPOOL_ATTR, spool)
             set_nodelay(_assoc_socket(event.assoc))
 
-        handlers: list[Any] = [(evt.EVT_CONN_OPEN, on_open)]
+        rejection = RejectionWatch()
+        handlers: list[Any] = [(evt.EVT_CONN_OPEN, on_open), rejection.handler]
         if handle_store is not None:
             handlers.append((evt.EVT_C_STORE, handle_store))
         roles: list[Any] = [build_role(sop_class, scp_role=True) for sop_class in scp_classes]
@@ -133,9 +135,9 @@ class QueryClient:
             where = f"{self.called_aet}@{self.host}:{self.port}"
             if not opened:
                 raise QueryError(f"{where} could not be reached")
-            if assoc.is_rejected:
-                raise QueryError(f"{where} rejected the association (is {self.calling_aet} "
-                                 "known to it?)")
+            if (reason := rejection.reason(assoc)) is not None:
+                raise QueryError(f"{where} rejected the association ({reason}; is "
+                                 f"{self.calling_aet} known to it?)")
             raise QueryError(f"{where} refused the query/retrieve service")
         try:
             yield assoc

@@ -17,6 +17,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.net.scp import _assoc_socket, configure_pynetdicom, set_nodelay
@@ -49,6 +50,43 @@ def _file_identity(path: Path) -> tuple[str, str]:
 
 def _nodelay(event: evt.Event) -> None:
     set_nodelay(_assoc_socket(event.assoc))
+
+
+class RejectionWatch:
+    """Whether the peer answered the association request with an A-ASSOCIATE-RJ, read
+    from the PDU as it arrives rather than from ``Association.is_rejected``.
+
+    pynetdicom 3.0 can report a prompt rejection as an abort: the requesting thread
+    sends the A-ASSOCIATE-RQ, then checks that the transport is still connected before
+    it waits for the answer (``ACSE._negotiate_as_requestor``); if the DUL thread has
+    meanwhile received the RJ and closed the connection (as PS3.8 says it must), the
+    check fails and the association is aborted, with the RJ left unread in its queue.
+    A busy machine makes that likely (13 of 60 ``dicomnode send`` runs to a wrong called
+    AE, with four spinning processes on 2 cores). The RJ PDU event fires on the DUL
+    thread before the close, so it is always seen.
+    """
+
+    def __init__(self) -> None:
+        self.pdu: A_ASSOCIATE_RJ | None = None
+
+    @property
+    def handler(self) -> tuple[Any, Any]:
+        return (evt.EVT_PDU_RECV, self._on_pdu)
+
+    def _on_pdu(self, event: evt.Event) -> None:
+        pdu = event.pdu  # type: ignore[attr-defined]
+        if isinstance(pdu, A_ASSOCIATE_RJ):
+            self.pdu = pdu
+
+    def reason(self, assoc: Any) -> str | None:
+        """``"<result>: <reason>"`` when the peer rejected the request, else None."""
+        if self.pdu is None:
+            return "no reason received" if assoc.is_rejected else None
+        try:
+            return f"{self.pdu.result_str.lower()}: {self.pdu.reason_str.lower()}"
+        except ValueError:  # a value PS3.8 does not define
+            return (f"result {self.pdu.result}, source {self.pdu.source}, "
+                    f"reason {self.pdu.reason_diagnostic}")
 
 
 class StoreClient:
@@ -88,15 +126,17 @@ class StoreClient:
             _nodelay(event)
 
         tls_args = (self.tls, self.host) if self.tls is not None else None
+        rejection = RejectionWatch()
         assoc = ae.associate(self.host, self.port, ae_title=self.called_aet,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)], tls_args=tls_args)
+                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open), rejection.handler],
+                             tls_args=tls_args)
         if not assoc.is_established:
             if not connected and self.tls is not None:
                 why = "could not be reached, or the TLS handshake failed"
             elif not connected:
                 why = "could not be reached (no TCP connection)"
-            elif assoc.is_rejected:
-                why = "rejected the association"
+            elif (reason := rejection.reason(assoc)) is not None:
+                why = f"rejected the association ({reason})"
             elif assoc.is_aborted:
                 why = "aborted the association"
             else:

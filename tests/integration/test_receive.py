@@ -254,3 +254,43 @@ def test_dicomnode_send_is_a_working_store_client(node: NodeProcess) -> None:
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 1 and "rejected the association" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.fixture
+def slow_requestor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hold the requesting thread for a moment after it sends the A-ASSOCIATE-RQ: the
+    interleaving a loaded machine produces by chance (the DUL thread reads the node's
+    prompt A-ASSOCIATE-RJ and closes the connection before the requesting thread looks
+    at it), made certain."""
+    import time
+
+    from pynetdicom.acse import ACSE
+
+    send_request = ACSE.send_request
+
+    def late(self: ACSE) -> None:
+        send_request(self)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(ACSE, "send_request", late)
+
+
+@pytest.mark.parametrize("client", ["store", "query"])
+def test_a_prompt_rejection_is_reported_as_a_rejection_with_its_reason(
+        node: NodeProcess, slow_requestor: None, client: str) -> None:
+    from dicomnode.net.qr import QueryClient, QueryError
+    from dicomnode.net.scu import AssociationFailed, StoreClient
+
+    error: Exception
+    if client == "store":
+        with pytest.raises(AssociationFailed) as store_error:
+            StoreClient(host="127.0.0.1", port=node.port, called_aet="WRONG",
+                        calling_aet="TESTSCU").send([PYDICOM_FILES / "CT_small.dcm"])
+        error = store_error.value
+    else:
+        with pytest.raises(QueryError) as query_error:
+            QueryClient(host="127.0.0.1", port=node.port, called_aet="WRONG",
+                        calling_aet="TESTSCU").find_studies("ANY")
+        error = query_error.value
+    assert "rejected the association (rejected (permanent): called ae title not " \
+           "recognised" in str(error)
