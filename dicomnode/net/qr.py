@@ -131,12 +131,13 @@ class QueryClient:
         roles: list[Any] = [build_role(sop_class, scp_role=True) for sop_class in scp_classes]
         assoc = ae.associate(self.host, self.port, ae_title=self.called_aet,
                              ext_neg=roles or None, evt_handlers=handlers)
+        rejected = rejection.reason(assoc)
         if not assoc.is_established:
             where = f"{self.called_aet}@{self.host}:{self.port}"
             if not opened:
                 raise QueryError(f"{where} could not be reached")
-            if (reason := rejection.reason(assoc)) is not None:
-                raise QueryError(f"{where} rejected the association ({reason}; is "
+            if rejected is not None:
+                raise QueryError(f"{where} rejected the association ({rejected}; is "
                                  f"{self.calling_aet} known to it?)")
             raise QueryError(f"{where} refused the query/retrieve service")
         try:

@@ -79,7 +79,10 @@ class RejectionWatch:
             self.pdu = pdu
 
     def reason(self, assoc: Any) -> str | None:
-        """``"<result>: <reason>"`` when the peer rejected the request, else None."""
+        """``"<result>: <reason>"`` when the peer rejected the request, else None. Call
+        it once the request is answered: it unbinds the handler, which would otherwise
+        run for every PDU of an established association."""
+        assoc.unbind(*self.handler)
         if self.pdu is None:
             return "no reason received" if assoc.is_rejected else None
         try:
@@ -130,13 +133,14 @@ class StoreClient:
         assoc = ae.associate(self.host, self.port, ae_title=self.called_aet,
                              evt_handlers=[(evt.EVT_CONN_OPEN, on_open), rejection.handler],
                              tls_args=tls_args)
+        rejected = rejection.reason(assoc)
         if not assoc.is_established:
             if not connected and self.tls is not None:
                 why = "could not be reached, or the TLS handshake failed"
             elif not connected:
                 why = "could not be reached (no TCP connection)"
-            elif (reason := rejection.reason(assoc)) is not None:
-                why = f"rejected the association ({reason})"
+            elif rejected is not None:
+                why = f"rejected the association ({rejected})"
             elif assoc.is_aborted:
                 why = "aborted the association"
             else:
